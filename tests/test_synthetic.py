@@ -27,6 +27,7 @@ from vlm.images import load_image
 from vlm.tiling import plan_tiles
 
 TINY = dict(n_train=12, n_val=4, n_test=6, seed=3, shard_size=5)
+TRAIN_QUESTIONS = CorpusParams().train_questions  # the default: every question a scene answers
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -62,34 +63,43 @@ def test_shards_hold_chat_records_with_decodable_images(corpus):
         assert len(samples) == n
         for s in samples:
             record = json.loads(s["json"])
-            user, assistant = record["messages"]
-            assert user["role"] == "user" and assistant["role"] == "assistant"
-            image_part, text_part = user["content"]
-            assert image_part == {"type": "image_url", "image_url": {"url": "0.jpg", "detail": "high"}}
-            assert text_part["type"] == "text" and text_part["text"].endswith("?")
-            answer = assistant["content"]
-            assert isinstance(answer, str) and answer
-            meta = record["meta"]
-            assert set(meta) == {"question_id", "image_id", "question_type", "answers", "answer_type"}
-            assert meta["answers"] == [answer] * NUM_ANSWERS
-            assert meta["answer_type"] == ("number" if answer.isdigit() else "other")
-            assert meta["question_type"] in QUESTION_TYPES
-            assert (meta["image_id"], meta["question_id"]) == sample_ids(split, int(s["__key__"].split("-")[1]))
-            types.add(meta["question_type"])
+            messages, meta = record["messages"], record["meta"]
+            turns = meta["turns"] if split == "train" else [meta]  # train: a chat of train_questions questions
+            assert len(messages) == 2 * len(turns) == 2 * (TRAIN_QUESTIONS if split == "train" else 1)
+            image_id, question_id = sample_ids(split, int(s["__key__"].split("-")[1]))
+            for t, (user, assistant, turn) in enumerate(zip(messages[::2], messages[1::2], turns)):
+                assert user["role"] == "user" and assistant["role"] == "assistant"
+                *image_part, text_part = user["content"]
+                expected = [{"type": "image_url", "image_url": {"url": "0.jpg", "detail": "high"}}] if t == 0 else []
+                assert image_part == expected  # the image comes with the first question only
+                assert text_part["type"] == "text" and text_part["text"] == turn["question"]
+                answer = assistant["content"]
+                assert isinstance(answer, str) and answer == turn["answer"]
+                assert set(turn) == {"question_id", "image_id", "question_type", "answers", "answer_type",
+                                     "question", "answer"}
+                assert turn["answers"] == [answer] * NUM_ANSWERS
+                assert turn["answer_type"] == ("number" if answer.isdigit() else "other")
+                assert turn["question_type"] in QUESTION_TYPES
+                assert (turn["image_id"], turn["question_id"]) == (image_id, question_id + t)
+                types.add(turn["question_type"])
+            if split == "train":  # distinct questions about one image
+                assert len({turn["question"] for turn in turns}) == len(turns)
             image = load_image(s["0.jpg"])
             assert 1024 <= max(image.size) <= 2048 and min(image.size) >= 256
     assert types == set(QUESTION_TYPES)
     totals = manifest["question_types"]
-    assert sum(totals.values()) == 22 and set(totals) == set(QUESTION_TYPES)
+    assert sum(totals.values()) == 12 * TRAIN_QUESTIONS + 4 + 6 and set(totals) == set(QUESTION_TYPES)
 
 
 def test_answers_match_the_drawn_scene():
     params = CorpusParams(**TINY)
-    for index in range(12):
-        _, record, _ = make_sample(params, "train", index)
-        _, scene = render_scene(params, np.random.default_rng([params.seed, 1, index]))
-        question, answer = record["messages"][0]["content"][1]["text"], record["messages"][1]["content"]
-        qtype = record["meta"]["question_type"]
+    turns = []
+    for split, code, index in [("train", 1, i) for i in range(4)] + [("test", 3, i) for i in range(12)]:
+        _, record, _ = make_sample(params, split, index)
+        _, scene = render_scene(params, np.random.default_rng([params.seed, code, index]))
+        turns += [(scene, turn) for turn in record["meta"].get("turns", [record["meta"]])]
+    for scene, turn in turns:
+        question, answer, qtype = turn["question"], turn["answer"], turn["question_type"]
         if qtype == "text":
             position = next(p for p in POSITIONS if f" {p} " in question)
             assert answer == scene.texts[position][0]

@@ -30,8 +30,9 @@ Measured with the default font (`PIL.ImageFont.load_default`, Aileron; its cap h
 Each word is also kept inside one tile (never straddling a tile boundary) where its corner region allows.
 
 Layout on disk (`make_corpus`):
-    <out>/train/train-000000.tar ...   WebDataset shards in the `vlm.data.format` chat shape, one image and one
-    <out>/val/val-000000.tar ...       question per sample; meta = {question_id, image_id, question_type,
+    <out>/train/train-000000.tar ...   WebDataset shards in the `vlm.data.format` chat shape, one image per sample
+                                       and a chat of `train_questions` (7) questions; meta = {image_id, turns}
+    <out>/val/val-000000.tar ...       one question per sample; meta = {question_id, image_id, question_type,
     <out>/test/test-000000.tar ...     answers (10), answer_type}
     <out>/test/vqa/questions.json, annotations.json, images/{image_id:012d}.jpg     VQAv2 format (all of test)
     <out>/test/docvqa/test_v1.0.json, documents/{image_id}.jpg                     DocVQA format (text questions)
@@ -82,7 +83,6 @@ LICENSE = {"name": "Apache-2.0", "url": "https://www.apache.org/licenses/LICENSE
 MANIFEST = "manifest.json"
 
 # Layout, as fractions of the image height h (width is always >= 2h) or size.
-_CORNER_W, _CORNER_H = 0.30, 0.35  # text stays in the corner regions of this fraction of width / height
 _LARGE_SIDE = (0.50, 0.75)  # the large shape's bounding square
 _MEDIUM_SIDE = (0.10, 0.16)  # counted shapes and distractors
 _GAP = 0.03  # free space kept around every object
@@ -100,21 +100,30 @@ class CorpusParams:
     width_range: tuple[int, int] = (1536, 2048)  # image width (the long side), inclusive
     aspect_range: tuple[float, float] = (2.0, 3.0)  # width / height
     text_cap_px: int = 21  # the text's cap height at tile scale (the font size is chosen per image)
+    text_region: tuple[float, float] = (0.30, 0.35)  # each word lies in its corner's region of this (w, h) fraction
     vocab: tuple[str, ...] = DEFAULT_VOCAB  # what the corners say; at least 4 distinct entries
     question_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)  # weights of text, coarse, count
+    # Training images carry a multi-turn chat of this many distinct questions about the image (of the 7 a scene
+    # answers: 4 corner texts, colour, shape, count; random order): 7x the supervision per encoded image. Val and
+    # test keep one question per image (question_mix), as the VQA files they are scored from.
+    train_questions: int = 7
     max_count: int = 5  # count questions: 1..max_count shapes of the asked kind
     max_distractors: int = 2  # plus 0..max_distractors medium shapes of the third kind
     detail: str = "high"  # the image_url detail written into every record
     jpeg_quality: int = 90
 
     def __post_init__(self):
-        for name in ("width_range", "aspect_range", "vocab", "question_mix"):  # Hydra / JSON give lists
+        for name in ("width_range", "aspect_range", "text_region", "vocab", "question_mix"):  # Hydra / JSON give lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("n_train", "n_val", "n_test", "seed", "max_distractors"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.shard_size < 1 or self.max_count < 1 or self.text_cap_px < 1:
             raise ValueError("shard_size, max_count and text_cap_px must be >= 1")
+        if not all(0 < f <= 0.5 for f in self.text_region):
+            raise ValueError(f"text_region fractions must be in (0, 0.5], got {self.text_region}")
+        if not 1 <= self.train_questions <= len(POSITIONS) + 3:
+            raise ValueError(f"train_questions must be in 1..{len(POSITIONS) + 3}, got {self.train_questions}")
         lo, hi = self.width_range
         if not 1024 <= lo <= hi <= 2048:
             raise ValueError(f"width_range must lie within 1024..2048, got {self.width_range}")
@@ -227,12 +236,14 @@ def _straddles(lo: int, hi: int, cuts: list[float], margin: int = 2) -> bool:
     return any(lo - margin < c < hi + margin for c in cuts)
 
 
-def _place_text(rng, position: str, tw: int, th: int, w: int, h: int, cuts) -> tuple[int, int]:
+def _place_text(rng, position: str, tw: int, th: int, w: int, h: int, cuts,
+                region: tuple[float, float]) -> tuple[int, int]:
     """Top-left corner for a tw x th text box in a corner region, inside one tile where possible."""
+    region_w, region_h = region
     margin = max(8, h // 40)
     top, left = position.startswith("top"), position.endswith("left")
-    xlo, xhi = (margin, int(w * _CORNER_W) - tw) if left else (int(w * (1 - _CORNER_W)), w - margin - tw)
-    ylo, yhi = (margin, int(h * _CORNER_H) - th) if top else (int(h * (1 - _CORNER_H)), h - margin - th)
+    xlo, xhi = (margin, int(w * region_w) - tw) if left else (int(w * (1 - region_w)), w - margin - tw)
+    ylo, yhi = (margin, int(h * region_h) - th) if top else (int(h * (1 - region_h)), h - margin - th)
     for _ in range(64):
         x, y = int(rng.integers(xlo, max(xlo, xhi) + 1)), int(rng.integers(ylo, max(ylo, yhi) + 1))
         if not _straddles(x, x + tw, cuts[0]) and not _straddles(y, y + th, cuts[1]):
@@ -278,7 +289,7 @@ def render_scene(params: CorpusParams, rng: np.random.Generator,
         word = params.vocab[int(k)]
         left, top, right, bottom = font.getbbox(word)
         tw, th = right - left, bottom - top
-        x, y = _place_text(rng, position, tw, th, w, h, cuts)
+        x, y = _place_text(rng, position, tw, th, w, h, cuts, params.text_region)
         ink = tuple(int(v) for v in rng.integers(0, 70, size=3))
         draw.text((x - left, y - top), word, font=font, fill=ink)
         texts[position] = (word, (x, y, x + tw, y + th))
@@ -333,6 +344,15 @@ def _ask(params: CorpusParams, rng: np.random.Generator, scene: Scene) -> tuple[
     return question, answer, qtype, "number" if answer.isdigit() else "other"
 
 
+def _all_questions(scene: Scene) -> list[tuple[str, str, str, str]]:
+    """Every (question, answer, question_type, answer_type) the scene answers: 4 texts, colour, shape, count."""
+    shape, colour, _ = scene.large
+    qs = [(QUESTIONS["text"].format(position=pos), scene.texts[pos][0], "text") for pos in POSITIONS]
+    qs += [(QUESTIONS["colour"], colour, "coarse"), (QUESTIONS["shape"], shape, "coarse"),
+           (QUESTIONS["count"].format(shape=scene.counted), str(scene.count(scene.counted)), "count")]
+    return [(q, a, t, "number" if a.isdigit() else "other") for q, a, t in qs]
+
+
 def sample_ids(split: str, index: int) -> tuple[int, int]:
     """(image_id, question_id) of sample `index` of `split`: unique across splits."""
     image_id = SPLIT_CODES[split] * ID_STRIDE + index
@@ -346,17 +366,21 @@ def make_sample(params: CorpusParams, split: str, index: int,
         raise ValueError(f"index must be in 0..{ID_STRIDE - 1}, got {index}")
     rng = _rng(params, split, index)
     image, scene = render_scene(params, rng, cfg)
-    question, answer, qtype, atype = _ask(params, rng, scene)
+    if split == "train" and params.train_questions > 1:
+        pool = _all_questions(scene)
+        turns = [pool[int(k)] for k in rng.permutation(len(pool))[:params.train_questions]]
+    else:
+        turns = [_ask(params, rng, scene)]
     image_id, question_id = sample_ids(split, index)
-    record = {
-        "messages": [
-            {"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "0.jpg", "detail": params.detail}},
-                {"type": "text", "text": question}]},
-            {"role": "assistant", "content": answer}],
-        "meta": {"question_id": question_id, "image_id": image_id, "question_type": qtype,
-                 "answers": [answer] * NUM_ANSWERS, "answer_type": atype},
-    }
+    messages = []
+    for t, (question, answer, _, _) in enumerate(turns):  # the image comes with the first question
+        image_part = [{"type": "image_url", "image_url": {"url": "0.jpg", "detail": params.detail}}] if t == 0 else []
+        messages += [{"role": "user", "content": [*image_part, {"type": "text", "text": question}]},
+                     {"role": "assistant", "content": answer}]
+    metas = [{"question_id": question_id + t, "image_id": image_id, "question_type": qtype,
+              "answers": [answer] * NUM_ANSWERS, "answer_type": atype, "question": question, "answer": answer}
+             for t, (question, answer, qtype, atype) in enumerate(turns)]
+    record = {"messages": messages, "meta": metas[0] if len(metas) == 1 else {"image_id": image_id, "turns": metas}}
     return f"{split}-{index:07d}", record, encode_image(image, "JPEG", quality=params.jpeg_quality)
 
 
@@ -382,8 +406,7 @@ def _write_shard(args: tuple[CorpusParams, str, str, int, int, int]) -> dict:
             key, record, jpeg = make_sample(params, split, index)
             sink.write(key, record, {"0.jpg": jpeg})
             meta = record["meta"]
-            entries.append({**meta, "question": record["messages"][0]["content"][1]["text"],
-                            "answer": record["messages"][1]["content"]})
+            entries += meta.get("turns", [meta])
             if split == "test":
                 (out / "test/vqa/images" / f"{meta['image_id']:012d}.jpg").write_bytes(jpeg)
                 if meta["question_type"] == "text":
