@@ -253,15 +253,48 @@ def test_gradient_checkpointing_matches():
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
 
 
+TINY_CLIP = ["model.vision.backend=hf", "model.vision.name=tiny-clip", "+model.vision.hf_config={model_type: "
+             "clip_vision_model, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3, num_attention_heads: 2, "
+             "image_size: 224, patch_size: 32}"]
+
+
+@pytest.mark.parametrize("backend", ["timm", "hf"])
+def test_vision_gradient_checkpointing_matches(backend):
+    """A trained vision tower with activation checkpointing: the same gradients as without, and its blocks really
+    are recomputed in backward (masked partial tiles included). A frozen tower with the switch on is unaffected."""
+    hf = TINY_CLIP if backend == "hf" else []
+    blocks = ("Block", "CLIPEncoderLayer")  # timm ViT / transformers CLIP
+    grads, calls = [], []
+    for frozen, gc in ((False, False), (False, True), (True, True)):
+        model, proc = build(f"model.freeze.vision={frozen}", f"model.vision.gradient_checkpointing={gc}", *hf)
+        model.train()
+        for block in model.xattn.blocks:
+            block.attn_gate.data.fill_(0.5)  # at 0 no gradient would reach the vision tower
+        first = next(b for b in model.vision.backbone.modules() if type(b).__name__ in blocks)
+        calls.append(0)
+        first.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))  # recompute may stop early
+        model(mixed_batch(proc)).loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    assert calls == [1, 2, 1]  # recomputed once in backward; never when frozen (no grad)
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("vision.") for k in grads[0])
+    assert all(grads[0][k].abs().sum() > 0 for k in grads[0] if k.startswith("vision."))
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k
+    assert not any(k.startswith("vision.") for k in grads[2])
+
 def test_view_position_embeddings_switch():
     model, _ = build("model.tile_position_embeddings=false")
-    assert model.view_embedding.row is None and model.view_embedding.view_type is not None
+    assert model.view_embedding.grid is None and model.view_embedding.view_type is not None
     model, _ = build()
-    z = torch.zeros(3, 5, model.global_resampler.out_dim)
-    pos = torch.tensor([[0, 0, 0], [1, 0, 1], [1, 1, 0]])
+    z = torch.zeros(4, 5, model.global_resampler.out_dim)
+    # (is_tile, row, col, rows, cols): the global view, two tiles of a 2x2 grid, the last column of a 2x3 grid
+    pos = torch.tensor([[0, 0, 0, 1, 1], [1, 0, 1, 2, 2], [1, 1, 0, 2, 2], [1, 0, 2, 2, 3]])
     out = model.view_embedding(z, pos)
     assert not torch.equal(out[1], out[2])  # two tiles at different places differ
     assert torch.equal(out[0], model.view_embedding.view_type.weight[0].expand(5, -1))  # global: type only
+    grid = model.view_embedding.grid
+    # the rightmost tile of either grid shares the "distance to the last column" embedding (0), not the column
+    torch.testing.assert_close(out[1] - out[3], (grid[1].weight[1] - grid[1].weight[2]).expand(5, -1))
 
 
 def test_tiles_per_image_batch_is_flat():

@@ -214,3 +214,31 @@ def test_idefics_import_rejects_inconsistent_vision_width():
     hf = IdeficsPerceiverResampler(config, 64, depth=1, n_heads=4, head_dim=16, n_latents=9)
     with pytest.raises(ValueError, match="embed_dim"):
         perceiver_from_idefics(hf)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pooled_queries_start_from_their_cell(kind):
+    """pooled_queries: query 1 + k starts from the masked mean of cell k of the patch grid (class token: the view),
+    so changing the patches of one cell moves only that cell's latent and the class token; padding never counts."""
+    from vlm.resampler import start_latents
+
+    torch.manual_seed(0)
+    side, cells = 8, (2, 4)  # 64 patches, 8 queries on a 2 x 4 grid of 4 x 2 patch cells
+    model = make(kind, num_queries=8, pooled_queries=True)
+    assert model.pool.cells == cells
+    media = torch.randn(2, side * side, DV)  # (V, P, Dv)
+    media = model.proj_in(media) if getattr(model, "proj_in", None) is not None else media
+    base = start_latents(model.pool, model.queries, media, None)  # (V, L, D)
+    assert base.shape == (2, 9, model.out_dim)
+    grid = media.view(2, side, side, -1).clone()  # (V, side, side, D)
+    grid[:, 4:8, 2:4] += torch.randn(grid.shape[-1])  # cell (row 1, col 1) = query 1 + 5
+    moved = start_latents(model.pool, model.queries, grid.view(2, side * side, -1), None)
+    changed = (moved - base).abs().amax(dim=(0, 2)) > 1e-6  # (L,)
+    assert changed.tolist() == [True, False, False, False, False, False, True, False, False]
+    mask = torch.ones(2, side * side, dtype=torch.bool)
+    mask.view(2, side, side)[:, 4:8, 2:4] = False  # now that cell is padding: its content must not matter
+    a = start_latents(model.pool, model.queries, media, mask)
+    b = start_latents(model.pool, model.queries, grid.view(2, side * side, -1), mask)
+    torch.testing.assert_close(a, b)
+    out = model(torch.randn(2, side * side, DV), mask)  # the whole module runs with pooled queries
+    assert out.shape == (2, 9, model.out_dim) and torch.isfinite(out).all()

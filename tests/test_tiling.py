@@ -101,7 +101,7 @@ def test_partial_tile_masks_513x150():
     t = tile_image(img)
     assert t.pixels.shape == (3, 3, S, S) and t.pixels.dtype == torch.uint8
     assert t.mask.shape == (3, S, S) and t.mask.dtype == torch.bool
-    assert t.positions.tolist() == [[0, 0, 0], [1, 0, 0], [1, 0, 1]]
+    assert t.positions.tolist() == [[0, 0, 0, 1, 1], [1, 0, 0, 1, 2], [1, 0, 1, 1, 2]]
     assert _extent(t.mask[1]) == (150, 512)
     assert _extent(t.mask[2]) == (150, 1)
     assert int(t.mask[2].sum()) == 150
@@ -112,7 +112,8 @@ def test_partial_tile_masks_513x150():
 def test_partial_tile_masks_1920x1080():
     t = tile_image(_noise(1920, 1080))
     assert t.plan.resized == (1365, 768) and t.plan.grid == (3, 2)
-    rows_cols = t.positions[1:, 1:].tolist()
+    assert (t.positions[1:, 3:] == torch.tensor([2, 3])).all()  # every tile knows the grid: 2 rows, 3 cols
+    rows_cols = t.positions[1:, 1:3].tolist()
     assert rows_cols == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]  # row-major
     extents = [_extent(m) for m in t.mask[1:]]
     assert extents == [(512, 512), (512, 512), (512, 341), (256, 512), (256, 512), (256, 341)]
@@ -171,7 +172,7 @@ def test_global_view_stretch_and_low():
     assert torch.equal(t.pixels[0], resize(resize(img, (1365, 768)), (512, 512)))
     low = tile_image(img, "low", cfg)
     assert low.pixels.shape == (1, 3, S, S) and low.mask.shape == (1, S, S)
-    assert low.positions.tolist() == [[0, 0, 0]]
+    assert low.positions.tolist() == [[0, 0, 0, 1, 1]]
     assert low.plan.num_views == 1 and low.mask.all()
     with pytest.raises(ValueError, match="no tiles"):
         untile(low)

@@ -43,6 +43,7 @@ class VisionConfig:
     hf_config: dict[str, Any] | None = None  # build a transformers tower from config (no weights)
     mean: tuple[float, float, float] | None = None  # pixel normalisation; None = the backbone's own
     std: tuple[float, float, float] | None = None
+    gradient_checkpointing: bool = False  # recompute block activations in backward (matters only when trained)
 
 
 @dataclass
@@ -61,6 +62,9 @@ class ResamplerConfig:
     cross_attention_freq: int = 2  # Q-Former: cross-attention in layers 0, f, 2f, ...
     layer_norm_eps: float = 1e-12  # Q-Former LayerNorm eps (BERT's); the Perceiver uses torch's 1e-5
     dropout: float = 0.0
+    # Add to every query the mean of its cell of the patch grid (the class token: of the whole view), projected to
+    # D. Off in the reference models; a locality prior that makes every token image-dependent from step 0.
+    pooled_queries: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +83,9 @@ class FusionConfig:
     ff_mult: int = 4
     only_immediate: bool = True  # xattn: a text token sees only the latest preceding image
     cache_media_kv: bool = True  # xattn: project media keys/values once per request, reuse every step
+    # xattn: the gates' initial value. 0 (Flamingo) leaves a pretrained LLM's outputs untouched at init; a model
+    # whose LLM trains from scratch (the tiny default) has nothing to protect and learns faster with open gates.
+    gate_init: float = 0.0
     projector: Literal["linear", "mlp"] = "mlp"  # prefix: visual width -> LLM width
 
 

@@ -45,9 +45,10 @@ class MediaState:
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """Flamingo's GATED XATTN-DENSE: y += tanh(a) * xattn(y, media); y += tanh(b) * ffw(y). Gates start at 0."""
+    """Flamingo's GATED XATTN-DENSE: y += tanh(a) * xattn(y, media); y += tanh(b) * ffw(y). Gates start at
+    `gate_init` (0 as in Flamingo unless configured)."""
 
-    def __init__(self, *, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int):
+    def __init__(self, *, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int, gate_init: float = 0.0):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
@@ -55,9 +56,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.ff = FeedForward(dim, mult=ff_mult, activation_name="gelu")
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def media_kv(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.to_kv(media).chunk(2, dim=-1)  # 2 x (B, K, H*d)
@@ -81,7 +82,7 @@ class XAttnFusion(nn.Module):
         self.layer_ids = [i for i in range(num_layers) if (i + 1) % cfg.every_n_layers == 0]
         self.blocks = nn.ModuleList(
             GatedCrossAttentionBlock(dim=lm_dim, media_dim=media_dim, heads=cfg.heads, dim_head=cfg.dim_head,
-                                     ff_mult=cfg.ff_mult)
+                                     ff_mult=cfg.ff_mult, gate_init=cfg.gate_init)
             for _ in self.layer_ids
         )
         self._state: MediaState | None = None

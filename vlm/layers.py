@@ -1,12 +1,16 @@
-"""Shared blocks: activations, the pre-norm feed-forward, masked multi-head attention over SDPA.
+"""Shared blocks: activations, the pre-norm feed-forward, masked multi-head attention over SDPA; finding a
+model's block stack and activation checkpointing.
 
 Shapes: B batch, Tq queries, Tk keys, D width, H heads, d head width.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -60,3 +64,26 @@ def find_layer_stack(model: nn.Module, n: int) -> nn.ModuleList:
     if not stacks:
         raise ValueError(f"could not find a stack of {n} layers in {type(model).__name__}")
     return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def checkpoint_blocks(blocks: nn.Module) -> None:
+    """Activation checkpointing per block: each block's activations are recomputed in backward instead of kept.
+    Set on the block instances, so module names and state_dict keys stay as they were (and the model pickles)."""
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed_forward, block)
+
+
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    forward = functools.partial(type(block).forward, block)
+    if not torch.is_grad_enabled():  # nothing to save memory for
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_hf_checkpointing(model: nn.Module) -> None:
+    """transformers' own activation checkpointing (active in train mode), non-reentrant."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

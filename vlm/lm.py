@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vlm.config import LMConfig
-from vlm.layers import find_layer_stack
+from vlm.layers import enable_hf_checkpointing, find_layer_stack
 from vlm.vision import missing_weights
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -31,11 +31,7 @@ def build_lm(cfg: LMConfig) -> nn.Module:
     else:
         raise ValueError("LMConfig needs `name` (hub id or local folder) or `hf_config`")
     if cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_hf_checkpointing(model)
     return model
 
 

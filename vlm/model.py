@@ -7,7 +7,7 @@ Dl LM hidden width, De LM embedding width, W vocabulary.
 
 The batch (made by `vlm.processor.collate`) keeps images flat, never padded to the largest image:
     input_ids (B, T), attention_mask (B, T), labels (B, T) optional,
-    pixel_values (V, C, S, S) uint8, pixel_mask (V, S, S) bool, view_positions (V, 3) = (is_tile, row, col),
+    pixel_values (V, C, S, S) uint8, pixel_mask (V, S, S) bool, view_positions (V, 5) = (is_tile, row, col, rows, cols),
     views_per_image (I,), images_per_sample (B,).
 Views are ordered image by image (global view first, then tiles row-major), images sample by sample,
 in the order their placeholders appear in the text.
@@ -39,26 +39,28 @@ class VLMOutput:
 
 
 class ViewEmbedding(nn.Module):
-    """Where a view sits: learned row + column embeddings for tiles (UReader-style; table size from the tiling
-    config) plus a global-vs-tile embedding. Added to every token of the view."""
+    """Where a view sits: learned embeddings of its tile row and column counted from both ends of the grid, plus a
+    global-vs-tile embedding, added to every token of the view. UReader embeds (row, col) only; counting from the
+    far edge too makes "rightmost" / "bottom" one embedding whatever the grid's size (2 to 8 columns)."""
 
     def __init__(self, dim: int, max_grid: int, *, tile_positions: bool = True, view_type: bool = True):
         super().__init__()
-        self.row = nn.Embedding(max_grid, dim) if tile_positions else None
-        self.col = nn.Embedding(max_grid, dim) if tile_positions else None
+        self.grid = nn.ModuleList(nn.Embedding(max_grid, dim) for _ in range(4)) if tile_positions else None
         self.view_type = nn.Embedding(2, dim) if view_type else None
-        for emb in (self.row, self.col, self.view_type):
+        for emb in [*(self.grid or []), self.view_type]:
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens (n, L, D); positions (n, 3) = (is_tile, row, col)."""
+        """tokens (n, L, D); positions (n, 5) = (is_tile, row, col, rows, cols)."""
         emb = torch.zeros_like(tokens[:, 0])  # (n, D)
         if self.view_type is not None:
             emb = emb + self.view_type(positions[:, 0])
-        if self.row is not None:
-            is_tile = positions[:, :1].to(tokens.dtype)  # (n, 1): the global view gets no row/col
-            emb = emb + is_tile * (self.row(positions[:, 1]) + self.col(positions[:, 2]))
+        if self.grid is not None:
+            row, col, rows, cols = positions[:, 1:].unbind(1)  # 4 x (n,)
+            is_tile = positions[:, :1].to(tokens.dtype)  # (n, 1): the global view gets no grid position
+            for emb_k, index in zip(self.grid, (row, col, rows - 1 - row, cols - 1 - col)):
+                emb = emb + is_tile * emb_k(index.clamp(min=0))  # (n, D)
         return tokens + emb[:, None]  # (n, L, D)
 
 
@@ -221,15 +223,23 @@ class VLM(nn.Module):
             return self.lm(embeds, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=past_key_values, use_cache=use_cache)
 
-    def forward(self, batch: dict) -> VLMOutput:
+    def forward(self, batch: dict, num_tokens: torch.Tensor | float | None = None) -> VLMOutput:
+        """`num_tokens`: divide the summed token losses by it instead of taking their mean (`lm_loss`)."""
         embeds, state = self.prepare_inputs(batch)  # (B, T, De)
         attention_mask = batch.get("attention_mask")
         out = self.run_lm(embeds, attention_mask, positions_from_mask(attention_mask, embeds), state)
         loss = None
         if batch.get("labels") is not None:
-            labels = batch["labels"].masked_fill(batch["input_ids"] == self.image_token_id, IGNORE_INDEX)
-            loss = lm_loss(out.logits, labels)
+            loss = lm_loss(out.logits, self.loss_labels(batch), num_tokens)
         return VLMOutput(loss=loss, logits=out.logits)
+
+    def loss_labels(self, batch: dict) -> torch.Tensor:
+        """The labels the loss uses (B, T): image placeholders are never supervised."""
+        return batch["labels"].masked_fill(batch["input_ids"] == self.image_token_id, IGNORE_INDEX)
+
+    def num_label_tokens(self, batch: dict) -> torch.Tensor:
+        """How many token losses `lm_loss` sums for this batch (a 0-dim tensor)."""
+        return (self.loss_labels(batch)[:, 1:] != IGNORE_INDEX).sum()
 
     # ---------------------------------------------------------------------------------------------- generate
     @torch.no_grad()
@@ -291,10 +301,15 @@ def positions_from_mask(mask: torch.Tensor | None, embeds: torch.Tensor) -> torc
     return (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over supervised positions (labels != -100), in float32."""
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | float | None = None
+            ) -> torch.Tensor:
+    """Next-token cross-entropy over supervised positions (labels != -100), in float32: their mean, or their sum
+    divided by `num_tokens` (a count over more than this batch, e.g. every rank of a data-parallel step)."""
     logits = rearrange(logits[:, :-1], "b t w -> (b t) w").float()  # (B*(T-1), W)
-    return F.cross_entropy(logits, rearrange(labels[:, 1:], "b t -> (b t)"), ignore_index=IGNORE_INDEX)
+    targets = rearrange(labels[:, 1:], "b t -> (b t)")  # (B*(T-1),)
+    if num_tokens is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_tokens
 
 
 def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_p: float,

@@ -68,7 +68,7 @@ class Processor:
             sample |= {
                 "pixel_values": torch.cat([t.pixels for t in tiled]),  # (V, 3, S, S) uint8
                 "pixel_mask": torch.cat([t.mask for t in tiled]),  # (V, S, S)
-                "view_positions": torch.cat([t.positions for t in tiled]),  # (V, 3)
+                "view_positions": torch.cat([t.positions for t in tiled]),  # (V, 5)
                 "views_per_image": torch.tensor([t.plan.num_views for t in tiled]),  # (I,)
             }
         return sample

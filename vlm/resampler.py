@@ -18,6 +18,8 @@ width, Dv media width, H heads, d head width, T = P + L keys of a Perceiver bloc
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -52,6 +54,47 @@ def _media_key_mask(mask: Tensor | None, extra: int = 0) -> Tensor | None:
 def _check_latents(latents: Tensor, dim: int) -> None:
     if latents.ndim != 2 or latents.shape[-1] != dim:
         raise ValueError(f"latents must be (L, {dim}); got {tuple(latents.shape)}")
+
+
+def _cells(n: int) -> tuple[int, int]:
+    """The most square (rows, cols) grid of n cells, rows <= cols: 64 -> (8, 8), 128 -> (8, 16)."""
+    rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
+    return rows, n // rows
+
+
+def start_latents(pool: PooledQueries | None, queries: Tensor, media: Tensor, mask: Tensor | None) -> Tensor:
+    """(V, L, D) latents a resampler starts from: its queries for every view, plus pooled media when configured."""
+    if pool is None:
+        return repeat(queries, "l d -> v l d", v=media.shape[0])  # (L, D) -> (V, L, D)
+    return pool(queries, media, mask)  # (V, L, D)
+
+
+class PooledQueries(nn.Module):
+    """Queries (L, D) + the media pooled into L cells -> (V, L, D) per-view latents.
+
+    Query 1 + k gets the masked mean of cell k of the square patch grid (row-major), the class token the masked
+    mean of the whole view; LayerNorm, then a projection media_dim -> D. Plain resamplers start with every
+    latent averaging the whole view (near-identical tokens for every image) and must learn locality first
+    (Honeybee, Cha et al. 2024); here each token starts as "what is in my cell".
+    """
+
+    def __init__(self, num_tokens: int, media_dim: int, dim: int):
+        super().__init__()
+        self.cells = _cells(num_tokens - 1)
+        self.proj = nn.Linear(media_dim, dim)
+
+    def forward(self, queries: Tensor, media: Tensor, mask: Tensor | None) -> Tensor:
+        v, p, _ = media.shape
+        side = math.isqrt(p)
+        if side * side != p:
+            raise ValueError(f"pooled_queries needs a square patch grid; got {p} patches")
+        w = media.new_ones(v, p) if mask is None else mask.to(media.dtype)  # (V, P)
+        grid = rearrange(media * w[..., None], "v (h w) d -> v d h w", h=side)  # (V, Dv, side, side)
+        weight = rearrange(w, "v (h w) -> v 1 h w", h=side)  # (V, 1, side, side)
+        cells = F.adaptive_avg_pool2d(grid, self.cells) / F.adaptive_avg_pool2d(weight, self.cells).clamp_min(1e-6)
+        whole = (media * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)  # (V, Dv)
+        pooled = torch.cat([whole[:, None], rearrange(cells, "v d h w -> v (h w) d")], dim=1)  # (V, L, Dv)
+        return queries + self.proj(F.layer_norm(pooled, pooled.shape[-1:]))  # (L, D) + (V, L, D) -> (V, L, D)
 
 
 class PerceiverLayer(nn.Module):
@@ -115,7 +158,10 @@ class PerceiverResampler(nn.Module):
         dim = cfg.dim or media_dim
         self.cfg, self.media_dim, self.out_dim = cfg, media_dim, dim
         self.proj_in = nn.Linear(media_dim, dim) if dim != media_dim else None
-        self.queries = init_queries(cfg.num_tokens, dim)  # std 1, as Flamingo / Idefics
+        # std 1 as Flamingo / Idefics; with pooled queries the media pooling carries the content, the queries
+        # only tell the cells apart (std 0.02, as BLIP-2's)
+        self.queries = init_queries(cfg.num_tokens, dim, std=0.02 if cfg.pooled_queries else 1.0)
+        self.pool = PooledQueries(cfg.num_tokens, dim, dim) if cfg.pooled_queries else None  # after proj_in
         self.layers = nn.ModuleList(
             PerceiverLayer(dim=dim, heads=cfg.heads, dim_head=cfg.dim_head, ff_mult=cfg.ff_mult,
                            activation_name=cfg.activation, qk_norm=cfg.qk_norm, dropout=cfg.dropout)
@@ -129,7 +175,7 @@ class PerceiverResampler(nn.Module):
         if self.proj_in is not None:
             media = self.proj_in(media)  # (V, P, Dv) -> (V, P, D)
         media_hat = F.layer_norm(media, media.shape[-1:], eps=PERCEIVER_LN_EPS)  # (V, P, D), affine in blocks
-        x = repeat(queries, "l d -> v l d", v=media.shape[0])  # (L, D) -> (V, L, D)
+        x = start_latents(self.pool, queries, media, mask)  # (V, L, D)
         key_mask = _media_key_mask(mask, extra=queries.shape[0])  # (V, 1, 1, P + L): latents always real
         for layer in self.layers:
             x = layer(media_hat, x, key_mask)
@@ -212,6 +258,7 @@ class QFormer(nn.Module):
         dim = cfg.dim or QFORMER_DEFAULT_DIM
         self.cfg, self.media_dim, self.out_dim = cfg, media_dim, dim
         self.queries = init_queries(cfg.num_tokens, dim, std=0.02)  # BLIP-2's initializer_range
+        self.pool = PooledQueries(cfg.num_tokens, media_dim, dim) if cfg.pooled_queries else None
         self.norm_in = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.drop_in = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
@@ -232,7 +279,7 @@ class QFormer(nn.Module):
     def forward(self, media: Tensor, mask: Tensor | None = None, latents: Tensor | None = None) -> Tensor:
         queries = self.queries if latents is None else latents
         _check_latents(queries, self.out_dim)
-        x = repeat(self.norm_in(queries), "l d -> v l d", v=media.shape[0])  # (L, D) -> (V, L, D)
+        x = self.norm_in(start_latents(self.pool, queries, media, mask))  # (V, L, D)
         x = self.drop_in(x)
         key_mask = _media_key_mask(mask)  # (V, 1, 1, P)
         for layer in self.layers:

@@ -103,13 +103,16 @@ def visual_tokens(plan: TilePlan, cfg: VLMConfig | None = None) -> int:
     return cfg.global_resampler.num_tokens + plan.num_tiles * cfg.tile_resampler.num_tokens
 
 
+GLOBAL_POSITION = torch.tensor([0, 0, 0, 1, 1])  # (5,): the global view is not a tile
+
+
 @dataclass
 class TiledImage:
     """The views of one image. View 0 is the global view; tiles follow row-major (row 0 left to right...)."""
 
     pixels: torch.Tensor  # uint8 (V, C, S, S)
     mask: torch.Tensor  # bool (V, S, S), True on real pixels
-    positions: torch.Tensor  # long (V, 3): (is_tile, row, col), (0, 0, 0) for the global view
+    positions: torch.Tensor  # long (V, 5): (is_tile, row, col, rows, cols), (0, 0, 0, 1, 1) for the global view
     plan: TilePlan
 
 
@@ -158,7 +161,7 @@ def tile_image(image: Image.Image, detail: str = "high", cfg: TilingConfig | Non
     plan = plan or plan_tiles(image.width, image.height, detail, cfg)
     if plan.detail == "low":
         view, view_mask = _global_view(_to_tensor(image), cfg)
-        return TiledImage(view[None], view_mask[None], torch.zeros(1, 3, dtype=torch.long), plan)  # V = 1
+        return TiledImage(view[None], view_mask[None], GLOBAL_POSITION[None], plan)  # V = 1
 
     s, (cols, rows) = cfg.tile_size, plan.grid
     resized = resize(image, plan.resized)  # (C, H, W)
@@ -170,8 +173,9 @@ def tile_image(image: Image.Image, detail: str = "high", cfg: TilingConfig | Non
     view, view_mask = _global_view(resized, cfg)  # (C, S, S), (S, S)
 
     row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")  # (rows, cols) each
-    tile_pos = rearrange(torch.stack([torch.ones_like(row), row, col]), "k r q -> (r q) k")  # (T, 3)
-    positions = torch.cat([torch.zeros(1, 3, dtype=torch.long), tile_pos])  # (V, 3)
+    grid = [torch.ones_like(row), row, col, torch.full_like(row, rows), torch.full_like(row, cols)]
+    tile_pos = rearrange(torch.stack(grid), "k r q -> (r q) k")  # (T, 5)
+    positions = torch.cat([GLOBAL_POSITION[None], tile_pos])  # (V, 5)
     pixels = torch.cat([view[None], tiles])  # (V, C, S, S)
     mask = torch.cat([view_mask[None], tile_mask])  # (V, S, S)
     return TiledImage(pixels, mask, positions, plan)

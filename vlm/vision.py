@@ -14,6 +14,7 @@ penultimate by default, at 512 px with interpolated position embeddings, as LLaV
 from __future__ import annotations
 
 import inspect
+import math
 import os
 
 import torch
@@ -21,7 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from vlm.config import VisionConfig
-from vlm.layers import find_layer_stack
+from vlm.layers import checkpoint_blocks, enable_hf_checkpointing, find_layer_stack
 from vlm.tiling import patch_mask
 
 # Normalisation used when neither the config nor the backbone says otherwise.
@@ -56,24 +57,41 @@ class VisionEncoder(nn.Module):
             maskable = "attn_mask" in inspect.signature(self.backbone.forward_intermediates).parameters
             grid = getattr(getattr(self.backbone, "patch_embed", None), "grid_size", None)
             self._grid = tuple(grid) if maskable and grid is not None else None  # ViTs: mask inside the encoder
+            self.tokens_per_view = (math.prod(grid) + self.backbone.num_prefix_tokens if grid is not None else
+                                    (cfg.image_size // self.backbone.feature_info[self._timm_index]["reduction"]) ** 2)
         elif cfg.backend == "hf":
             self.backbone, mean, std, self._hf_index = _build_hf(cfg)
             self.dim = self.backbone.config.hidden_size
             self._hf_prefix = 1 if self.backbone.config.model_type.startswith("clip") else 0
+            self.tokens_per_view = (cfg.image_size // self.backbone.config.patch_size) ** 2 + self._hf_prefix
         else:
             raise ValueError(f"vision backend must be 'timm' or 'hf', got {cfg.backend!r}")
         mean, std = cfg.mean or mean, cfg.std or std
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        if cfg.gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in backward instead of keeping them. Only a trained tower saves
+        memory; a frozen one runs without grad, unaffected."""
+        blocks = getattr(self.backbone, "blocks", None)
+        if self.cfg.backend == "hf":
+            enable_hf_checkpointing(self.backbone)
+        elif isinstance(blocks, (nn.Sequential, nn.ModuleList)):  # timm ViTs: their own switch skips masked calls
+            checkpoint_blocks(blocks)
+        else:
+            self.backbone.set_grad_checkpointing(True)  # timm convnets: per stage
 
     @property
     def _timm_index(self) -> int:
         return self.backbone._vlm_feature_index
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.dtype == torch.uint8:
-            pixels = pixels.float() / 255.0
-        return (pixels.to(self.mean.dtype) - self.mean) / self.std  # (V, C, S, S)
+        """uint8 (or [0, 1] float) pixels -> normalised float, in one pass after the cast (the tiny default's
+        step time was dominated by separate divide / subtract passes over all views)."""
+        scale = 1.0 / (self.std * 255.0) if pixels.dtype == torch.uint8 else 1.0 / self.std  # (1, C, 1, 1)
+        return torch.addcmul(-self.mean / self.std, pixels.to(self.mean.dtype), scale)  # (V, C, S, S)
 
     def forward(self, pixels: torch.Tensor, pixel_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +102,7 @@ class VisionEncoder(nn.Module):
         if pixel_mask is None:
             pixel_mask = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)  # (V, S, S)
         else:  # padding is the mean colour whatever the input held: patches straddling the edge see no junk
-            x = x * pixel_mask[:, None].to(x.dtype)
+            x = x.masked_fill(~pixel_mask[:, None], 0.0)  # 0 = the mean colour after normalisation
         if self.cfg.backend == "timm":
             kwargs, valid = {}, None
             if self._grid is not None:
