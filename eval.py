@@ -4,8 +4,9 @@
     python eval.py task=docvqa checkpoint=outputs/<run>/checkpoint.pt data_root=/data/docvqa limit=500
 
 Thin Hydra entry point: `task` picks `configs/eval/<task>.yaml` (reader, paths relative to data_root, prompt,
-metric), `vlm.eval.runner.evaluate` does the rest (batched greedy generation with left padding, official metric,
-a table per question type, `metrics.json` + `predictions.jsonl` (+ `submission.json`) in the eval run's folder).
+metric), `vlm.eval.runner.evaluate_config` does the rest (batched greedy generation with left padding, official
+metric, a table per question type, `metrics.json` + `predictions.jsonl` (+ `submission.json`) in the eval run's
+folder).
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.checkpoint import load_checkpoint
-from vlm.data.synthetic import ensure_corpus
-from vlm.eval.runner import evaluate
-from vlm.eval.tasks import TASK_DIR, Task
-from vlm.processor import Processor
+from vlm.eval.runner import evaluate_config
+from vlm.eval.tasks import TASK_DIR
 
 
 def register_tasks() -> None:
@@ -42,18 +41,10 @@ register_tasks()
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    task = Task.from_config(cfg.task)
-    root = Path(to_absolute_path(cfg.data_root))
-    if task.build_corpus:
-        ensure_corpus(root, **OmegaConf.to_container(cfg.data.corpus, resolve=True))
-    questions = task.read(root)
     path = Path(to_absolute_path(cfg.checkpoint)) if cfg.checkpoint else latest_checkpoint(cfg.run_root)
-    model = load_checkpoint(path).eval()
-    print(f"checkpoint: {path}\ntask: {task.name} ({len(questions)} questions under {root})")
+    print(f"checkpoint: {path}")
     out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    evaluate(model, Processor(model.cfg, model.tokenizer), questions, task=task, batch_size=cfg.batch_size,
-             limit=cfg.limit, out_dir=out_dir, num_workers=cfg.num_workers, max_new_tokens=cfg.max_new_tokens,
-             info={"checkpoint": str(path), "data_root": str(root)})
+    evaluate_config(cfg, lambda: load_checkpoint(path).eval(), out_dir, info={"checkpoint": str(path)})
 
 
 if __name__ == "__main__":

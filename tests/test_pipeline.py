@@ -98,6 +98,21 @@ def test_two_nodes_two_workers_see_every_sample_once(tmp_path):
     assert sorted(seen) == sorted(keys) and len(seen) == len(keys)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sample_split_deals_one_process_batches_to_ranks(tmp_path, workers):
+    """split="sample": the 2 ranks' k-th batches of 2 together are the k-th batch of 4 of one process without
+    workers, whatever the workers; the shard split (default) does not have this property."""
+    _write_corpus(tmp_path, n=24, per_shard=3)
+    batches = lambda rank, world, size, split="sample", workers=workers: [set(b["keys"]) for b in _loader(
+        ShardStream(tmp_path, _processor(), seed=3, epochs=1, shuffle_buffer=4, rank=rank, world_size=world,
+                    split=split, batch_size=size), batch_size=size, workers=workers)]
+    one = batches(0, 1, 4, "shard", workers=0)
+    assert len(one) == 6 and batches(0, 1, 4) == one
+    ranks = [batches(rank, 2, 2) for rank in range(2)]
+    assert [a | b for a, b in zip(*ranks)] == one and not any(a & b for a, b in zip(*ranks))
+    assert [a | b for a, b in zip(*[batches(rank, 2, 2, "shard") for rank in range(2)])] != one
+
+
 def test_epochs_reshuffle_and_are_deterministic(tmp_path):
     _write_corpus(tmp_path, n=12, per_shard=3)
     order = lambda seed: [k for b in _loader(ShardStream(tmp_path, _processor(), seed=seed, epochs=2,
@@ -107,11 +122,12 @@ def test_epochs_reshuffle_and_are_deterministic(tmp_path):
     assert sorted(a[:12]) == sorted(a[12:]) and a[:12] != a[12:]
 
 
+@pytest.mark.parametrize("split", ["shard", "sample"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_restore_position_reproduces_next_samples(tmp_path, workers):
+def test_restore_position_reproduces_next_samples(tmp_path, workers, split):
     _write_corpus(tmp_path, n=24, per_shard=3)
     make = lambda position=None: ShardStream(tmp_path, _processor(), seed=5, epochs=None, shuffle_buffer=5,
-                                             position=position)
+                                             position=position, split=split, batch_size=2, rank=1, world_size=2)
     position = StreamPosition()
     reference = []
     for i, batch in enumerate(_loader(make(), workers=workers)):

@@ -1,7 +1,7 @@
 """Streaming training data: WebDataset tar shards -> decoded, tiled, tokenised samples -> batches.
 
 Read path, all inside DataLoader workers (never in the model):
-    shards --(split by node and worker, shuffled per epoch)--> raw samples (bytes)
+    shards --(shuffled per epoch, split by node and worker)--> raw samples (bytes)
            --(deterministic shuffle buffer)--> skip what a restored position already consumed
            --(decode + tile + tokenise; bad samples skipped and counted)--> samples --> collate
 
@@ -15,6 +15,17 @@ Exact resume: every sample carries (virtual worker, index in that worker's strea
 from consumed batches in the main process, records how many samples each virtual worker delivered and how many
 batches were consumed; a restored dataset skips those raw samples (without decoding them) and rotates the
 worker roles so that the DataLoader's round-robin continues with the right worker.
+
+Two ways to split the data between ranks and workers (`split`):
+- "shard" (default, for real training): each rank and worker reads its own shards, so every shard is read once.
+  The batches then depend on the number of ranks and workers (and a corpus with fewer shards than
+  ranks x workers leaves some of them without data).
+- "sample": every rank and worker reads the same single stream and decodes only its own samples. The stream is
+  cut into global batches of world_size x batch_size samples, dealt to the workers in turn (in the DataLoader's
+  round-robin order); rank r takes samples r, r + world_size, ... of each. So global batch k (the union of the
+  ranks' k-th batches) is samples [k G, (k+1) G) of the one-process stream, G = world_size x batch_size, whatever
+  the number of ranks: DDP reproduces a one-process run with the same global batch (exactly while no sample is
+  skipped as bad). The cost: every worker of every rank reads every shard (I/O x ranks x workers).
 """
 
 from __future__ import annotations
@@ -102,19 +113,24 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     epochs: number of passes (None = endless, the usual choice with `max_steps`); resampled: draw shards with
     replacement instead of shuffled passes; strict: raise on the first bad sample instead of skipping it.
-    rank / world_size default to torch.distributed's (or the RANK / WORLD_SIZE environment variables)."""
+    split: "shard" or "sample" (module docstring); batch_size: the per-rank batch, which "sample" needs with
+    several workers. rank / world_size default to torch.distributed's (or the RANK / WORLD_SIZE environment
+    variables), read when iterating: DDP starts after the loader is built."""
 
     def __init__(self, shards, processor: Processor, *, seed: int = 0, epochs: int | None = None,
                  shuffle_shards: bool = True, shuffle_buffer: int = 256, resampled: bool = False,
                  max_length: int | None = None, strict: bool = False, rank: int | None = None,
-                 world_size: int | None = None, position: StreamPosition | None = None):
+                 world_size: int | None = None, position: StreamPosition | None = None, split: str = "shard",
+                 batch_size: int = 1):
         super().__init__()
         self.shards = list_shards(shards)
         self.processor = processor
         self.seed, self.epochs, self.resampled = seed, epochs, resampled
         self.shuffle_shards, self.shuffle_buffer = shuffle_shards, shuffle_buffer
         self.max_length, self.strict = max_length, strict
-        self.rank, self.world_size = _dist_info(rank, world_size)
+        if split not in ("shard", "sample"):
+            raise ValueError(f"split must be 'shard' or 'sample', got {split!r}")
+        self.rank, self.world_size, self.split, self.batch_size = rank, world_size, split, batch_size
         self.position = position or StreamPosition()
 
     # --------------------------------------------------------------------------------------------- splitting
@@ -156,12 +172,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
+    def _mine(self, worker: int, per_rank: int) -> Iterator[tuple[int, dict]]:
+        """(index in the stream it was drawn from, raw sample) for this rank's `worker` (module docstring)."""
+        rank, world = _dist_info(self.rank, self.world_size)
+        if self.split == "shard":
+            return enumerate(self.raw(rank * per_rank + worker, world * per_rank))
+        batch = world * self.batch_size  # one global batch
+        return ((i, raw) for i, raw in enumerate(self.raw(0, 1))
+                if i % world == rank and i // batch % per_rank == worker)
+
     def __iter__(self) -> Iterator[dict]:
         worker, per_rank = self._worker()
-        split, splits = self.rank * per_rank + worker, self.world_size * per_rank
         self._stats = Counter()
         start = self.position.consumed.get(worker, 0)
-        for index, raw in enumerate(self.raw(split, splits)):
+        for index, raw in self._mine(worker, per_rank):
             if index < start:  # already consumed before the restore: skipped without decoding
                 continue
             sample = self.decode(raw)

@@ -5,6 +5,8 @@
     metrics.json        overall and per question_type / answer_type (score in %, n), the task, the metric
     submission.json     with task.submission == "vqa": the official results file [{"question_id", "answer"}]
 
+`evaluate_config` is the whole of `python eval.py` once a config is composed (also train.py's eval_after).
+
 Images are decoded, tiled and tokenised in DataLoader workers while the model generates. Under torch.distributed
 each rank takes every world_size-th question; rank 0 gathers the predictions and writes the files.
 """
@@ -14,12 +16,16 @@ from __future__ import annotations
 import functools
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from hydra.utils import to_absolute_path
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vlm.data.prompts import generation_prompt
+from vlm.data.synthetic import ensure_corpus
 from vlm.eval.metrics import score
 from vlm.eval.tasks import Question, Task
 from vlm.images import load_image
@@ -162,3 +168,21 @@ def evaluate(model, processor: Processor, questions: list[Question], *, task: Ta
             print(f"\n{markdown_table(metrics)}\n\nwrote {out}/metrics.json")
     return metrics
 
+
+
+def evaluate_config(cfg, load_model: Callable[[], torch.nn.Module], out_dir: str | Path,
+                    info: dict | None = None) -> dict:
+    """`python eval.py` (and train.py's eval_after) for an eval config node with the keys of configs/eval.yaml:
+    task (a configs/eval/<task>.yaml), data_root, data.corpus (built there first when task.build_corpus),
+    batch_size, limit, num_workers, max_new_tokens. The questions are read before load_model() is called, so a
+    wrong folder fails before a model is loaded."""
+    task = Task.from_config(cfg.task)
+    root = Path(to_absolute_path(cfg.data_root))
+    if task.build_corpus:
+        ensure_corpus(root, **OmegaConf.to_container(cfg.data.corpus, resolve=True))
+    questions = task.read(root)
+    print(f"task: {task.name} ({len(questions)} questions under {root})")
+    model = load_model()
+    return evaluate(model, Processor(model.cfg, model.tokenizer), questions, task=task, batch_size=cfg.batch_size,
+                    limit=cfg.limit, out_dir=out_dir, num_workers=cfg.num_workers, max_new_tokens=cfg.max_new_tokens,
+                    info={**(info or {}), "data_root": str(root)})
