@@ -26,8 +26,9 @@ def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 def build(*overrides: str) -> tuple[VLM, Processor]:
+    """A tiny VLM with Flamingo's closed gates (the tiny training default opens them: configs/model/fusion)."""
     torch.manual_seed(0)
-    cfg = model_config(*overrides)
+    cfg = model_config("++model.fusion.gate_init=0.0", *overrides)
     model = VLM(cfg)
     return model, Processor(cfg, model.tokenizer)
 

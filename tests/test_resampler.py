@@ -220,12 +220,12 @@ def test_idefics_import_rejects_inconsistent_vision_width():
 def test_pooled_queries_start_from_their_cell(kind):
     """pooled_queries: query 1 + k starts from the masked mean of cell k of the patch grid (class token: the view),
     so changing the patches of one cell moves only that cell's latent and the class token; padding never counts."""
-    from vlm.resampler import start_latents
+    from vlm.resampler import _cells, start_latents
 
     torch.manual_seed(0)
     side, cells = 8, (2, 4)  # 64 patches, 8 queries on a 2 x 4 grid of 4 x 2 patch cells
     model = make(kind, num_queries=8, pooled_queries=True)
-    assert model.pool.cells == cells
+    assert _cells(8) == cells and _cells(64) == (8, 8) and _cells(128) == (8, 16)
     media = torch.randn(2, side * side, DV)  # (V, P, Dv)
     media = model.proj_in(media) if getattr(model, "proj_in", None) is not None else media
     base = start_latents(model.pool, model.queries, media, None)  # (V, L, D)

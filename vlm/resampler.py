@@ -78,9 +78,8 @@ class PooledQueries(nn.Module):
     (Honeybee, Cha et al. 2024); here each token starts as "what is in my cell".
     """
 
-    def __init__(self, num_tokens: int, media_dim: int, dim: int):
+    def __init__(self, media_dim: int, dim: int):
         super().__init__()
-        self.cells = _cells(num_tokens - 1)
         self.proj = nn.Linear(media_dim, dim)
 
     def forward(self, queries: Tensor, media: Tensor, mask: Tensor | None) -> Tensor:
@@ -91,7 +90,8 @@ class PooledQueries(nn.Module):
         w = media.new_ones(v, p) if mask is None else mask.to(media.dtype)  # (V, P)
         grid = rearrange(media * w[..., None], "v (h w) d -> v d h w", h=side)  # (V, Dv, side, side)
         weight = rearrange(w, "v (h w) -> v 1 h w", h=side)  # (V, 1, side, side)
-        cells = F.adaptive_avg_pool2d(grid, self.cells) / F.adaptive_avg_pool2d(weight, self.cells).clamp_min(1e-6)
+        shape = _cells(queries.shape[0] - 1)  # from the queries: shared resamplers pool per token budget
+        cells = F.adaptive_avg_pool2d(grid, shape) / F.adaptive_avg_pool2d(weight, shape).clamp_min(1e-6)
         whole = (media * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)  # (V, Dv)
         pooled = torch.cat([whole[:, None], rearrange(cells, "v d h w -> v (h w) d")], dim=1)  # (V, L, Dv)
         return queries + self.proj(F.layer_norm(pooled, pooled.shape[-1:]))  # (L, D) + (V, L, D) -> (V, L, D)
@@ -161,7 +161,7 @@ class PerceiverResampler(nn.Module):
         # std 1 as Flamingo / Idefics; with pooled queries the media pooling carries the content, the queries
         # only tell the cells apart (std 0.02, as BLIP-2's)
         self.queries = init_queries(cfg.num_tokens, dim, std=0.02 if cfg.pooled_queries else 1.0)
-        self.pool = PooledQueries(cfg.num_tokens, dim, dim) if cfg.pooled_queries else None  # after proj_in
+        self.pool = PooledQueries(dim, dim) if cfg.pooled_queries else None  # after proj_in
         self.layers = nn.ModuleList(
             PerceiverLayer(dim=dim, heads=cfg.heads, dim_head=cfg.dim_head, ff_mult=cfg.ff_mult,
                            activation_name=cfg.activation, qk_norm=cfg.qk_norm, dropout=cfg.dropout)
@@ -258,7 +258,7 @@ class QFormer(nn.Module):
         dim = cfg.dim or QFORMER_DEFAULT_DIM
         self.cfg, self.media_dim, self.out_dim = cfg, media_dim, dim
         self.queries = init_queries(cfg.num_tokens, dim, std=0.02)  # BLIP-2's initializer_range
-        self.pool = PooledQueries(cfg.num_tokens, media_dim, dim) if cfg.pooled_queries else None
+        self.pool = PooledQueries(media_dim, dim) if cfg.pooled_queries else None
         self.norm_in = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.drop_in = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
