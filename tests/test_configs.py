@@ -20,7 +20,7 @@ from vlm.eval.tasks import Task
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 options = lambda group: sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 # Config groups whose every option a test below composes and instantiates ("." = train.yaml and eval.yaml).
-TESTED_GROUPS = {".", "model", "model/vision", "model/lm", "model/resampler", "model/fusion", "model/tiling",
+TESTED_GROUPS = {".", "model", "model/vision", "model/llm", "model/resampler", "model/fusion", "model/tiling",
                  "experiment", "data", "trainer", "logger", "eval", "hydra/launcher"}
 
 
@@ -37,7 +37,7 @@ def _train(*overrides: str):
 @pytest.mark.parametrize("override", [f"model={o}" for o in options("model")]
                          + [f"model/tiling={o}" for o in options("model/tiling")]
                          + [f"model/vision={o}" for o in options("model/vision")]
-                         + [f"model/lm={o}" for o in options("model/lm")]
+                         + [f"model/llm={o}" for o in options("model/llm")]
                          + [f"model/resampler={o}" for o in options("model/resampler")]
                          + [f"model/fusion={o}" for o in options("model/fusion")]
                          + [f"experiment={o}" for o in options("experiment")])

@@ -49,7 +49,7 @@ def mixed_batch(proc: Processor, padding_side: str = "right", labels: bool = Tru
 
 @pytest.mark.parametrize("lm", LMS)
 def test_zero_gates_equal_frozen_llm(lm):
-    model, proc = build(f"model/lm={lm}")
+    model, proc = build(f"model/llm={lm}")
     model.eval()
     batch = mixed_batch(proc, labels=False)
     with torch.no_grad():
@@ -183,9 +183,9 @@ def test_placeholder_mismatch_names_both_counts(fusion):
         proc.encode("<image> only one marker", [_photo(10, 10), _photo(10, 10)])
 
 
-@pytest.mark.parametrize("overrides", [[], ["model/fusion=prefix_tiny"], ["model/lm=tiny_gpt2"],
-                                       ["model/lm=tiny_opt", "model/resampler=qformer_tiny"],
-                                       ["model/lm=tiny_qwen2", "model.fusion.only_immediate=false"]])
+@pytest.mark.parametrize("overrides", [[], ["model/fusion=prefix_tiny"], ["model/llm=tiny_gpt2"],
+                                       ["model/llm=tiny_opt", "model/resampler=qformer_tiny"],
+                                       ["model/llm=tiny_qwen2", "model.fusion.only_immediate=false"]])
 def test_generation_with_cache_equals_without(overrides):
     model, proc = build(*overrides)
     model.eval()

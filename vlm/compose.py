@@ -10,7 +10,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def model_config(*overrides: str, model: str = "tiny") -> VLMConfig:
-    """Hydra overrides in, typed config out: `model_config("model/lm=tiny_gpt2", "model.fusion.heads=4")`."""
+    """Hydra overrides in, typed config out: `model_config("model/llm=tiny_gpt2", "model.fusion.heads=4")`."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
