@@ -68,7 +68,7 @@ def main(cfg: DictConfig) -> None:
     path = run_dir / "checkpoint.pt"
     state = trainer.strategy.lightning_module_state_dict()  # every rank takes part: FSDP gathers to rank 0 here
     if trainer.is_global_zero:  # DDP ranks hold the same weights and share the run folder: one writes
-        trained = {k.removeprefix("model."): v for k, v in module.trained_only(state).items()}
+        trained = {k.removeprefix("model."): v for k, v in module.checkpoint_weights(state).items()}
         save_checkpoint(path, module.model, state_dict=trained, steps=trainer.global_step, config=run_config)
         print(f"saved {path} after {trainer.global_step} steps")
     if cfg.eval_after:  # as `python eval.py checkpoint=<path>`, on the model in memory, into <run_dir>/eval/

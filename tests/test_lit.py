@@ -137,7 +137,7 @@ def test_training_checkpoint_loads_without_lightning(fit, tmp_path):
     assert blob["config"] == {"seed": 0} and blob["model_config"] == module.cfg.to_dict()
     assert stream_position(blob).state_dict() == module.stream_position.state_dict()
     assert blob["optimizer_states"] and blob["lr_schedulers"][0]["last_epoch"] == STEPS
-    torch.save(module.model.trainable_state_dict(), tmp_path / "expected.pt")
+    torch.save(module.model.checkpoint_state_dict(), tmp_path / "expected.pt")
     script = f"""
 import sys
 import torch
@@ -145,21 +145,27 @@ sys.modules["lightning"] = sys.modules["pytorch_lightning"] = None  # any import
 from vlm.checkpoint import load_checkpoint
 model = load_checkpoint({str(path)!r})
 expected = torch.load({str(tmp_path / "expected.pt")!r})
-assert model.trainable_state_dict().keys() == expected.keys()
-assert all(torch.equal(v, expected[k]) for k, v in model.trainable_state_dict().items())
+assert model.checkpoint_state_dict().keys() == expected.keys()
+assert all(torch.equal(v, expected[k]) for k, v in model.checkpoint_state_dict().items())
 print("loaded", len(expected))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == f"loaded {len(module.model.trainable_state_dict())}"
+    assert out.stdout.strip() == f"loaded {len(module.model.checkpoint_state_dict())}"
 
 
-def test_checkpoints_hold_trained_weights_only():
-    """`state_dict` stays whole (FSDP's hooks and wrappers need that); checkpoints keep the trained weights."""
+def test_checkpoints_hold_trained_and_unsourced_weights():
+    """`state_dict` stays whole (FSDP's hooks and wrappers need that); checkpoints keep the trained weights and the
+    frozen parts built without weights (a pretrained frozen encoder is left to its source)."""
     module = VLMLitModule(model_config())
     full = module.state_dict()
-    assert any(k.startswith("model.vision.") for k in full)  # the frozen encoder is in the module's state
     checkpoint = {"state_dict": full}
     module.on_save_checkpoint(checkpoint)
-    assert set(checkpoint["state_dict"]) == {f"model.{k}" for k in module.model.trainable_state_dict()}
+    assert set(checkpoint["state_dict"]) == {f"model.{k}" for k in module.model.checkpoint_state_dict()}
+    assert any(k.startswith("model.vision.") for k in checkpoint["state_dict"])  # random tiny ViT: kept
+    module.model.cfg.vision.pretrained = True  # as if the encoder came from real weights
+    checkpoint = {"state_dict": full}
+    module.on_save_checkpoint(checkpoint)
+    assert any(k.startswith("model.vision.") for k in full)
     assert not any(k.startswith("model.vision.") for k in checkpoint["state_dict"])
+    assert any(k.startswith("model.global_resampler.") for k in checkpoint["state_dict"])

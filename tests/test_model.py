@@ -102,7 +102,26 @@ def test_optimizer_step_moves_only_trainable(overrides):
         assert torch.equal(params[n], before), f"frozen {n} changed"
     unchanged = [n for n, before in trainable.items() if torch.equal(params[n], before)]
     assert not unchanged, f"trainable parameters did not change: {unchanged}"
-    assert set(model.trainable_state_dict()) == set(trainable)
+    # checkpoints hold the trained weights and the frozen parts built without weights (here: all of them)
+    assert model.unsourced_parts() == ("vision.", "lm.")
+    assert set(model.checkpoint_state_dict()) == set(trainable) | set(frozen)
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+    """save_checkpoint -> load_checkpoint in a differently seeded process state gives the same logits: frozen parts
+    built without weights (the tiny ViT and LLM) travel in the checkpoint, since no source can rebuild them."""
+    from vlm.checkpoint import load_checkpoint, save_checkpoint
+
+    model, proc = build()
+    with torch.no_grad():
+        for p in model.xattn.parameters():  # open the gates so the image path shows in the logits
+            p.add_(0.5)
+    batch = mixed_batch(proc, labels=False)
+    path = save_checkpoint(tmp_path / "c.pt", model.eval())
+    torch.manual_seed(1234)  # a different random init for everything the checkpoint would not hold
+    loaded = load_checkpoint(path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
 
 
 def test_freezing_is_configurable():

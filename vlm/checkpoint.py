@@ -20,7 +20,7 @@ def save_checkpoint(path: str | Path, model: VLM, state_dict: dict | None = None
     weights when `model` does not hold them whole (FSDP shards: gathered by the caller); default: the model's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    weights = model.trainable_state_dict() if state_dict is None else state_dict
+    weights = model.checkpoint_state_dict() if state_dict is None else state_dict
     blob = {"model_config": model.cfg.to_dict(), "state_dict": weights, **extra}
     torch.save(blob, path)
     return path

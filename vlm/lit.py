@@ -103,7 +103,7 @@ class VLMLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Lightning stores the trained weights (`state_dict`), optimizer, LR scheduler and loop state; added here:
         the data stream position of every rank, the model config and the run's resolved config."""
-        checkpoint["state_dict"] = self.trained_only(checkpoint["state_dict"])
+        checkpoint["state_dict"] = self.checkpoint_weights(checkpoint["state_dict"])
         checkpoint["stream_position"] = _all_ranks(self.stream_position.state_dict())
         checkpoint["model_config"] = self.cfg.to_dict()
         checkpoint["config"] = self.run_config
@@ -140,12 +140,12 @@ class VLMLitModule(L.LightningModule):
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def trained_only(self, state_dict: dict) -> dict:
-        """The trained weights of a full state dict ("model.<name>" keys). Checkpoints hold only these: frozen LLM /
-        encoder weights come from their source. Filtered here rather than in `state_dict`, which FSDP's hooks need
-        whole."""
-        trained = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in state_dict.items() if k in trained}
+    def checkpoint_weights(self, state_dict: dict) -> dict:
+        """What checkpoints keep of a full state dict ("model.<name>" keys): `VLM.checkpoint_state_dict`'s weights
+        (trained ones, plus parts built without weights). Filtered here rather than in `state_dict`, which FSDP's
+        hooks need whole."""
+        keep = {f"model.{n}" for n in self.model.checkpoint_state_dict()}
+        return {k: v for k, v in state_dict.items() if k in keep}
 
     def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
         inner = {k.removeprefix("model."): v for k, v in state_dict.items()}

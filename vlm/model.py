@@ -121,16 +121,24 @@ class VLM(nn.Module):
         return self
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
-        """Load trained weights into a model whose frozen parts came from their source; with `strict`, every
-        trainable weight must be in `state`."""
-        missing = set(self.trainable_state_dict()) - set(state)
+        """Load a checkpoint's weights (`checkpoint_state_dict`) into a model whose pretrained frozen parts came
+        from their source; with `strict`, every weight a checkpoint holds must be in `state`."""
+        missing = set(self.checkpoint_state_dict()) - set(state)
         if strict and missing:
             raise KeyError(f"checkpoint lacks trained weights {sorted(missing)[:8]}")
         return self.load_state_dict(state, strict=False)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the trained weights: what checkpoints hold (the frozen LLM / encoder come from their source)."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+    def unsourced_parts(self) -> tuple[str, ...]:
+        """Prefixes of the parts built from a config without weights (the tiny models): their random init exists
+        only in this process, so checkpoints keep them even when frozen."""
+        vision = not self.cfg.vision.pretrained or self.cfg.vision.hf_config is not None
+        return tuple(prefix for prefix, random in (("vision.", vision), ("lm.", self.cfg.lm.name is None)) if random)
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """What checkpoints hold: the trained weights, plus the parts no source can rebuild (`unsourced_parts`);
+        pretrained frozen LLM / encoder weights come from their source."""
+        random = self.unsourced_parts()
+        names = {n for n, p in self.named_parameters() if p.requires_grad or n.startswith(random)}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     # ------------------------------------------------------------------------------------------------ vision
