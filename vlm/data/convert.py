@@ -141,6 +141,13 @@ def _image_part(suffix: str, detail: str) -> dict:
     return {"type": "image_url", "image_url": {"url": suffix, "detail": detail}}
 
 
+def _qa_sample(key: str, reader, image_name: str, question: str, answer: str | None, detail: str, meta: dict) -> Sample:
+    """One image + one question/answer turn: the record every VQA-style converter writes."""
+    ext, data = reader.read(image_name)
+    suffix = f"0.{ext}"
+    return Sample(key, {"messages": _qa_messages(suffix, question, answer, detail), "meta": meta}, {suffix: data})
+
+
 def _qa_messages(suffix: str, question: str, answer: str | None, detail: str) -> list[dict]:
     messages = [{"role": "user", "content": [_image_part(suffix, detail), {"type": "text", "text": question}]}]
     if answer is not None:
@@ -446,10 +453,8 @@ def vqa_source(questions: str | Path, images: str | Path | None, *, annotations:
             for name in ("question_type", "answer_type"):
                 if ann.get(name) is not None:
                     meta[name] = ann[name]
-        ext, data = reader.read(f"COCO_{image_subtype}_{image_id:012d}.jpg")
-        suffix = f"0.{ext}"
-        record = {"messages": _qa_messages(suffix, question, answer, detail), "meta": meta}
-        return Sample(make_key(dataset, qid), record, {suffix: data})
+        image_name = f"COCO_{image_subtype}_{image_id:012d}.jpg"
+        return _qa_sample(make_key(dataset, qid), reader, image_name, question, answer, detail, meta)
 
     return Source(dataset, qdata["questions"], convert,
                   {"questions": _file_info(questions), "annotations": _file_info(annotations),
@@ -495,10 +500,7 @@ def textvqa_source(annotations: str | Path, images: str | Path | None, *, datase
             if answer is None:
                 raise Skip("empty_answer", "no non-empty answer")
             meta["answers"] = answers
-        ext, data = reader.read(f"{image_id}.jpg")
-        suffix = f"0.{ext}"
-        record = {"messages": _qa_messages(suffix, question, answer, detail), "meta": meta}
-        return Sample(make_key(dataset, qid), record, {suffix: data})
+        return _qa_sample(make_key(dataset, qid), reader, f"{image_id}.jpg", question, answer, detail, meta)
 
     return Source(dataset, tdata["data"], convert,
                   {"annotations": _file_info(annotations), "images": _dir_info(images), "detail": detail},
@@ -537,10 +539,7 @@ def docvqa_source(annotations: str | Path, images: str | Path | None = None, *, 
                 raise Skip("empty_answer", "answers[0] is empty")
             answer = answers[0].strip()
             meta["answers"] = answers
-        ext, data = reader.read(image)
-        suffix = f"0.{ext}"
-        record = {"messages": _qa_messages(suffix, question, answer, detail), "meta": meta}
-        return Sample(make_key(dataset, qid), record, {suffix: data})
+        return _qa_sample(make_key(dataset, qid), reader, image, question, answer, detail, meta)
 
     return Source(dataset, ddata["data"], convert,
                   {"annotations": _file_info(annotations), "images": _dir_info(images), "detail": detail},
@@ -579,10 +578,7 @@ def chartqa_source(root: str | Path, split: str, *, sources: Sequence[str] = CHA
         question = _text(entry, "query", "empty_question")
         answer = _text(entry, "label", "empty_answer")
         meta = {"dataset": dataset, "split": split, "source": src, "imgname": imgname, "answers": [answer]}
-        ext, data = reader.read(imgname)
-        suffix = f"0.{ext}"
-        record = {"messages": _qa_messages(suffix, question, answer, detail), "meta": meta}
-        return Sample(make_key(dataset, split, src, f"{j:06d}"), record, {suffix: data})
+        return _qa_sample(make_key(dataset, split, src, f"{j:06d}"), reader, imgname, question, answer, detail, meta)
 
     return Source(dataset, items, convert,
                   {"root": _dir_info(root), "split": split, "files": files, "detail": detail},
@@ -618,10 +614,7 @@ def coco_captions_source(captions: str | Path, images: str | Path | None, *, pro
             raise Skip("no_captions", f"image_id {image_id}")
         meta = {"dataset": dataset, "image_id": image_id, "file_name": file_name,
                 "answers": [c for _, c in caps], "caption_ids": [i for i, _ in caps]}
-        ext, data = reader.read(file_name)
-        suffix = f"0.{ext}"
-        record = {"messages": _qa_messages(suffix, prompt, caps[0][1], detail), "meta": meta}
-        return Sample(make_key(dataset, image_id), record, {suffix: data})
+        return _qa_sample(make_key(dataset, image_id), reader, file_name, prompt, caps[0][1], detail, meta)
 
     return Source(dataset, cdata["images"], convert,
                   {"captions": _file_info(captions), "images": _dir_info(images), "prompt": prompt,
