@@ -107,16 +107,23 @@ def test_optimizer_step_moves_only_trainable(overrides):
     assert set(model.checkpoint_state_dict()) == set(trainable) | set(frozen)
 
 
-def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+@pytest.mark.parametrize("overrides", [(), ("model/vision=tiny_resnet", "model.freeze.vision=false")],
+                         ids=["frozen_vit", "trained_resnet"])
+def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path, overrides):
     """save_checkpoint -> load_checkpoint in a differently seeded process state gives the same logits: frozen parts
-    built without weights (the tiny ViT and LLM) travel in the checkpoint, since no source can rebuild them."""
+    built without weights (the tiny ViT and LLM) travel in the checkpoint, since no source can rebuild them, and so
+    do the buffers of trained modules (a trained ResNet's BatchNorm running statistics)."""
     from vlm.checkpoint import load_checkpoint, save_checkpoint
 
-    model, proc = build()
+    model, proc = build(*overrides)
     with torch.no_grad():
         for p in model.xattn.parameters():  # open the gates so the image path shows in the logits
             p.add_(0.5)
     batch = mixed_batch(proc, labels=False)
+    with torch.no_grad():
+        model.train()(batch)  # moves BatchNorm running statistics away from their init
+    if overrides:
+        assert any(k.endswith("running_mean") for k in model.checkpoint_state_dict())
     path = save_checkpoint(tmp_path / "c.pt", model.eval())
     torch.manual_seed(1234)  # a different random init for everything the checkpoint would not hold
     loaded = load_checkpoint(path).eval()
@@ -158,9 +165,11 @@ def test_media_masking(only_immediate):
     assert after_same == only_immediate  # after image 2, image 1 is visible only with only_immediate=False
 
 
-def test_padded_pixels_are_never_seen():
-    """Changing the padding of partial tiles (outside the masks) leaves the output unchanged."""
-    model, proc = build()
+@pytest.mark.parametrize("vision", ["tiny_vit", "tiny_resnet"])
+def test_padded_pixels_are_never_seen(vision):
+    """Changing the padding of partial tiles (outside the masks) leaves the output unchanged, also for a convnet
+    that encodes the views resized (tiny_resnet: 512 px views at 256 px)."""
+    model, proc = build(f"model/vision={vision}")
     model.eval()
     for block in model.xattn.blocks:
         block.attn_gate.data.fill_(1.0)

@@ -13,6 +13,7 @@ from vlm.data.synthetic import (
     POSITIONS,
     QUESTION_TYPES,
     CorpusParams,
+    _tile_cuts,
     cap_height,
     corpus_matches,
     ensure_corpus,
@@ -125,6 +126,21 @@ def test_text_sits_inside_one_tile_and_shapes_do_not_overlap():
         for i, a in enumerate(boxes):
             for b in boxes[i + 1:]:
                 assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+
+
+def test_clear_text_tiles_keeps_shapes_out_of_the_word_columns():
+    params = CorpusParams(width_range=(1792, 2048), aspect_range=(4.0, 4.5), text_region=(0.22, 0.35),
+                          clear_text_tiles=True)
+    for index in range(8):
+        _, scene = render_scene(params, np.random.default_rng([7, 1, index]))
+        cuts, _ = _tile_cuts(scene.width, scene.height, TilingConfig())
+        for _, (x0, _, x1, _) in scene.texts.values():
+            assert x1 <= cuts[0] or x0 >= cuts[-1]  # every word in the first or last tile column
+        for _, _, (x0, _, x1, _) in [scene.large] + scene.medium:
+            assert x0 >= cuts[0] and x1 <= cuts[-1]  # every shape between them
+    with pytest.raises(ValueError, match="3 tile columns"):  # a 2-column image has no middle to draw in
+        render_scene(CorpusParams(width_range=(1024, 1024), aspect_range=(2.0, 2.0), clear_text_tiles=True),
+                     np.random.default_rng(0))
 
 
 def test_deterministic_given_seed_and_independent_of_workers(corpus, tmp_path):

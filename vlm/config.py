@@ -37,7 +37,8 @@ class VisionConfig:
     name: str = "vit_tiny_patch16_224"  # timm model name, or HF hub id when backend="hf"
     pretrained: bool = False  # load real weights (from `checkpoint_path` if given, else the hub cache)
     checkpoint_path: str | None = None  # local weights: timm file / HF folder; the offline way in
-    image_size: int = 512  # every view is encoded at this size; position embeddings are interpolated
+    image_size: int = 512  # every view is encoded at this size (resized from the tile size if they differ); ViT
+                           # position embeddings are interpolated to it
     feature_layer: int = -2  # which block's output to use (penultimate by default, as LLaVA)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     hf_config: dict[str, Any] | None = None  # build a transformers tower from config (no weights)

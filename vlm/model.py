@@ -139,7 +139,9 @@ class VLM(nn.Module):
         pretrained frozen LLM / encoder weights come from their source."""
         random = self.unsourced_parts()
         names = {n for n, p in self.named_parameters() if p.requires_grad or n.startswith(random)}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+        owners = {n.rpartition(".")[0] for n in names}  # modules with a kept weight keep their buffers too
+        names |= {n for n, _ in self.named_buffers() if n.rpartition(".")[0] in owners or n.startswith(random)}
+        return {k: v for k, v in self.state_dict().items() if k in names}  # (BatchNorm statistics included)
 
     # ------------------------------------------------------------------------------------------------ vision
     def encode_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, view_positions: torch.Tensor,

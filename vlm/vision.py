@@ -18,6 +18,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -103,6 +104,11 @@ class VisionEncoder(nn.Module):
             pixel_mask = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)  # (V, S, S)
         else:  # padding is the mean colour whatever the input held: patches straddling the edge see no junk
             x = x.masked_fill(~pixel_mask[:, None], 0.0)  # 0 = the mean colour after normalisation
+        size = self.cfg.image_size
+        if tuple(x.shape[-2:]) != (size, size):  # views come at the tile size; the encoder runs at its own
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)  # (V, C, size, size)
+            cover = F.interpolate(pixel_mask[:, None].float(), size=(size, size), mode="area")  # (V, 1, size, size)
+            pixel_mask = cover[:, 0] > 0  # (V, size, size): a resized pixel is real if any of its sources is
         if self.cfg.backend == "timm":
             kwargs, valid = {}, None
             if self._grid is not None:

@@ -101,6 +101,9 @@ class CorpusParams:
     aspect_range: tuple[float, float] = (2.0, 3.0)  # width / height
     text_cap_px: int = 21  # the text's cap height at tile scale (the font size is chosen per image)
     text_region: tuple[float, float] = (0.30, 0.35)  # each word lies in its corner's region of this (w, h) fraction
+    # Keep the shapes out of the first and last column of tiles (where the words are): a word is then the only thing
+    # in its tile besides the background, instead of a needle among shapes. Needs grids of >= 3 columns.
+    clear_text_tiles: bool = False
     vocab: tuple[str, ...] = DEFAULT_VOCAB  # what the corners say; at least 4 distinct entries
     question_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)  # weights of text, coarse, count
     # Training images carry a multi-turn chat of this many distinct questions about the image (of the 7 a scene
@@ -296,6 +299,11 @@ def render_scene(params: CorpusParams, rng: np.random.Generator,
 
     gap = max(4, round(_GAP * h))
     taken = [box for _, box in texts.values()]
+    if params.clear_text_tiles:  # the outer tile columns are reserved for the words
+        xs = cuts[0]
+        if len(xs) < 2:
+            raise ValueError(f"clear_text_tiles needs >= 3 tile columns; a {w} x {h} image has {len(xs) + 1}")
+        taken += [(0, 0, math.ceil(xs[0]), h), (int(xs[-1]), 0, w, h)]
     colours = list(COLOURS)
     large_shape = SHAPES[int(rng.integers(len(SHAPES)))]
     large_colour = colours[int(rng.integers(len(colours)))]
