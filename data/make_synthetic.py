@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-aspect", type=float, default=d.aspect_range[0])
     ap.add_argument("--max-aspect", type=float, default=d.aspect_range[1])
     ap.add_argument("--text-cap-px", type=int, default=d.text_cap_px, help="text cap height at tile scale")
+    ap.add_argument("--text-region", type=float, nargs=2, default=list(d.text_region), metavar=("W", "H"),
+                    help="each word lies in its corner's region of this fraction of the image width and height")
+    ap.add_argument("--clear-text-tiles", action="store_true", help="keep shapes out of the tile columns of the words")
+    ap.add_argument("--train-questions", type=int, default=d.train_questions, help="questions per training image")
     ap.add_argument("--vocab", nargs="+", default=list(d.vocab), help="what the corners say")
     ap.add_argument("--question-mix", type=float, nargs=3, default=list(d.question_mix),
                     metavar=("TEXT", "COARSE", "COUNT"), help="question type weights")
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = dict(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
                   shard_size=args.shard_size, width_range=(args.min_width, args.max_width),
                   aspect_range=(args.min_aspect, args.max_aspect), text_cap_px=args.text_cap_px,
+                  text_region=tuple(args.text_region), clear_text_tiles=args.clear_text_tiles,
+                  train_questions=args.train_questions,
                   vocab=tuple(args.vocab), question_mix=tuple(args.question_mix), max_count=args.max_count,
                   max_distractors=args.max_distractors, detail=args.detail, jpeg_quality=args.jpeg_quality)
     start = time.perf_counter()

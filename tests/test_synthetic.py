@@ -242,3 +242,11 @@ def test_cli_builds_and_then_skips(tmp_path, capsys):
     assert not cli.main(argv)["built"]
     assert "up to date" in capsys.readouterr().out
     assert read_manifest(tmp_path)["splits"]["train"]["samples"] == 2
+    small = dict(n_train=2, n_val=1, n_test=1)  # unflagged, the CLI builds what train.py's ensure_corpus would
+    assert read_manifest(tmp_path)["params"] == CorpusParams(**small).to_json()
+    flags = ["--min-width", "1792", "--min-aspect", "4.0", "--max-aspect", "4.5", "--text-region", "0.2", "0.3",
+             "--clear-text-tiles", "--train-questions", "3"]
+    cli.main(argv + flags)
+    assert read_manifest(tmp_path)["params"] == CorpusParams(
+        **small, width_range=(1792, 2048), aspect_range=(4.0, 4.5), text_region=(0.2, 0.3), clear_text_tiles=True,
+        train_questions=3).to_json()
