@@ -264,3 +264,16 @@ def test_dataloader_workers_give_the_same_predictions(tmp_path, xattn):
     _, inline = run(xattn, questions, task, tmp_path / "w0", batch_size=2, num_workers=0)
     _, workers = run(xattn, questions, task, tmp_path / "w2", batch_size=2, num_workers=2)
     assert inline == workers
+
+
+def test_synthetic_task_generates_long_enough_for_every_corpus_answer():
+    """Generation stops at the task's max_new_tokens: the longest answer the corpus asks for, as the built-in byte
+    tokenizer supervises it (" triangle</s>" under the plain template), must fit, or it is scored truncated."""
+    from vlm.data.synthetic import COLOURS, DEFAULT_VOCAB, SHAPES, CorpusParams
+    from vlm.lm import build_tokenizer
+
+    tokenizer = build_tokenizer(model_config().lm)
+    answers = [*DEFAULT_VOCAB, *SHAPES, *COLOURS, *(str(k) for k in range(CorpusParams().max_count + 1))]
+    longest = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1 for a in answers)  # + </s>
+    assert longest == 10
+    assert load_task("synthetic", data_root="unused").max_new_tokens >= longest

@@ -128,10 +128,16 @@ def test_text_sits_inside_one_tile_and_shapes_do_not_overlap():
                 assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
 
 
-def test_clear_text_tiles_keeps_shapes_out_of_the_word_columns():
-    params = CorpusParams(width_range=(1792, 2048), aspect_range=(4.0, 4.5), text_region=(0.22, 0.35),
-                          clear_text_tiles=True)
-    for index in range(8):
+@pytest.mark.parametrize("params, indices", [
+    (CorpusParams(width_range=(1792, 2048), aspect_range=(4.0, 4.5), text_region=(0.22, 0.35), clear_text_tiles=True),
+     range(8)),
+    # 3 x 2 tiles, one word per corner tile: the shapes share the middle column (0.67 h wide), so the large shape is
+    # sized to it. Sized to h (up to 0.75 h) it left no room for a counted shape in these scenes.
+    (CorpusParams(aspect_range=(2.0, 2.0), text_region=(0.3, 0.3), text_cap_px=24, clear_text_tiles=True),
+     [41, 237, 254, 274, 810]),
+])
+def test_clear_text_tiles_keeps_shapes_out_of_the_word_columns(params, indices):
+    for index in indices:
         _, scene = render_scene(params, np.random.default_rng([7, 1, index]))
         cuts, _ = _tile_cuts(scene.width, scene.height, TilingConfig())
         for _, (x0, _, x1, _) in scene.texts.values():

@@ -299,15 +299,17 @@ def render_scene(params: CorpusParams, rng: np.random.Generator,
 
     gap = max(4, round(_GAP * h))
     taken = [box for _, box in texts.values()]
+    room = h  # the side of the largest square the shapes may use
     if params.clear_text_tiles:  # the outer tile columns are reserved for the words
         xs = cuts[0]
         if len(xs) < 2:
             raise ValueError(f"clear_text_tiles needs >= 3 tile columns; a {w} x {h} image has {len(xs) + 1}")
         taken += [(0, 0, math.ceil(xs[0]), h), (int(xs[-1]), 0, w, h)]
+        room = min(h, int(xs[-1] - xs[0]))  # the shapes share the middle columns
     colours = list(COLOURS)
     large_shape = SHAPES[int(rng.integers(len(SHAPES)))]
     large_colour = colours[int(rng.integers(len(colours)))]
-    side = round(float(rng.uniform(*_LARGE_SIDE)) * h)
+    side = round(float(rng.uniform(*_LARGE_SIDE)) * room)
     large_box = None
     while large_box is None:  # shrink until it fits (it always does at the default sizes)
         large_box = _place_square(rng, side, w, h, taken, gap)
