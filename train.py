@@ -27,6 +27,7 @@ from vlm.data.synthetic import ensure_corpus
 from vlm.eval.runner import evaluate_config
 from vlm.lit import SampleLog, StepTokens, VLMLitModule
 from vlm.processor import Processor
+from vlm.vision_pretrain import VisionPretrainConfig, ensure_pretrained_vision
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ def main(cfg: DictConfig) -> None:
     module = VLMLitModule(model_cfg, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                           warmup_steps=cfg.optim.warmup_steps, max_steps=trainer.max_steps,
                           mfu_peak_tflops=cfg.mfu_peak_tflops, run_config=run_config)
+    stage0 = None
+    if cfg.get("vision_pretrain") is not None and not resume:  # a resumed run's checkpoint holds the pretrained weights
+        stage0 = ensure_pretrained_vision(module.model, root, VisionPretrainConfig(**cfg.vision_pretrain), cfg.seed)
     proc = Processor(model_cfg, module.model.tokenizer)
     stream = ShardStream(root / "train", proc, seed=cfg.seed, epochs=None, shuffle_buffer=cfg.data.shuffle_buffer,
                          max_length=cfg.data.max_length, split=cfg.data.split, batch_size=cfg.data.batch_size)
@@ -75,7 +79,7 @@ def main(cfg: DictConfig) -> None:
         evaluate_config(cfg.evaluate, lambda: module.model.to(trainer.strategy.root_device), run_dir / "eval",
                         info={"checkpoint": str(path)})
     if trainer.is_global_zero:  # read by `python -m vlm.report`
-        run = {"steps": trainer.global_step, "train_seconds": train_seconds,
+        run = {"steps": trainer.global_step, "train_seconds": train_seconds, "vision_pretrain": stage0,
                "total_seconds": time.perf_counter() - start, "eval_after": cfg.eval_after,
                "overrides": list(hydra.core.hydra_config.HydraConfig.get().overrides.task)}
         (run_dir / "run.json").write_text(json.dumps(run, indent=2))

@@ -13,8 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_train_then_eval(tmp_path):
     corpus = ["+data.corpus.n_train=16", "+data.corpus.n_val=0", "+data.corpus.n_test=6", "+data.corpus.shard_size=4"]
     common = [f"data.root={tmp_path}/synthetic", f"run_root={tmp_path}/outputs", *corpus]
-    train = subprocess.run([sys.executable, "train.py", *common, "trainer.max_steps=2", "data.batch_size=2",
-                            "data.num_workers=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    train = subprocess.run([sys.executable, "train.py", *common, "trainer.max_steps=2", "vision_pretrain=null",
+                            "data.batch_size=2", "data.num_workers=0"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
     assert "after 2 steps" in train.stdout
     (ckpt,) = (tmp_path / "outputs").glob("*/checkpoint.pt")

@@ -106,6 +106,7 @@ class LMConfig:
 class FreezeConfig:
     vision: bool = True
     llm: bool = True
+    resamplers: bool = False  # both resamplers (and shared tile queries); the tiny default freezes its stage-0 ones
 
 
 @dataclass
@@ -118,6 +119,7 @@ class VLMConfig:
     share_resamplers: bool = False  # one set of weights for both budgets (queries stay separate)
     tile_position_embeddings: bool = True  # learned row + column embeddings on tile tokens
     view_type_embedding: bool = True  # learned global-vs-tile embedding
+    view_embedding_std: float = 0.02  # init std of those embeddings (the visual tokens' own scale is ~1)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 

@@ -43,13 +43,14 @@ class ViewEmbedding(nn.Module):
     global-vs-tile embedding, added to every token of the view. UReader embeds (row, col) only; counting from the
     far edge too makes "rightmost" / "bottom" one embedding whatever the grid's size (2 to 8 columns)."""
 
-    def __init__(self, dim: int, max_grid: int, *, tile_positions: bool = True, view_type: bool = True):
+    def __init__(self, dim: int, max_grid: int, *, tile_positions: bool = True, view_type: bool = True,
+                 std: float = 0.02):
         super().__init__()
         self.grid = nn.ModuleList(nn.Embedding(max_grid, dim) for _ in range(4)) if tile_positions else None
         self.view_type = nn.Embedding(2, dim) if view_type else None
         for emb in [*(self.grid or []), self.view_type]:
             if emb is not None:
-                nn.init.normal_(emb.weight, std=0.02)
+                nn.init.normal_(emb.weight, std=std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (n, L, D); positions (n, 5) = (is_tile, row, col, rows, cols)."""
@@ -86,7 +87,7 @@ class VLM(nn.Module):
                                  f"{self.global_resampler.out_dim} and {self.tile_resampler.out_dim}")
         dim = self.global_resampler.out_dim
         self.view_embedding = ViewEmbedding(dim, cfg.tiling.max_grid, tile_positions=cfg.tile_position_embeddings,
-                                            view_type=cfg.view_type_embedding)
+                                            view_type=cfg.view_type_embedding, std=cfg.view_embedding_std)
 
         if cfg.fusion.kind == "xattn":
             self.xattn = XAttnFusion(cfg.fusion, lm_dim=self.lm.hidden_size, media_dim=dim,
@@ -106,12 +107,16 @@ class VLM(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- freezing
     def frozen_parts(self) -> list[nn.Module]:
-        return [m for m, frozen in ((self.vision, self.cfg.freeze.vision), (self.lm, self.cfg.freeze.llm))
-                if frozen]
+        resamplers = [m for m in (self.global_resampler, self.tile_resampler) if m is not None]
+        return [m for m, frozen in ((self.vision, self.cfg.freeze.vision), (self.lm, self.cfg.freeze.llm),
+                                    *((r, self.cfg.freeze.resamplers) for r in resamplers)) if frozen]
 
     def apply_freeze(self) -> None:
-        for part in (self.vision, self.lm):
-            part.requires_grad_(part not in self.frozen_parts())
+        for part in (self.vision, self.lm, self.global_resampler, self.tile_resampler):
+            if part is not None:
+                part.requires_grad_(part not in self.frozen_parts())
+        if self.tile_resampler is None:  # shared body: the tile budget's own queries follow it
+            self.tile_queries.requires_grad_(not self.cfg.freeze.resamplers)
         self.train(self.training)
 
     def train(self, mode: bool = True):
@@ -132,7 +137,10 @@ class VLM(nn.Module):
         """Prefixes of the parts built from a config without weights (the tiny models): their random init exists
         only in this process, so checkpoints keep them even when frozen."""
         vision = not self.cfg.vision.pretrained or self.cfg.vision.hf_config is not None
-        return tuple(prefix for prefix, random in (("vision.", vision), ("lm.", self.cfg.lm.name is None)) if random)
+        frozen_resamplers = self.cfg.freeze.resamplers  # trained in stage 0 or random: no source rebuilds them
+        parts = (("vision.", vision), ("lm.", self.cfg.lm.name is None), ("global_resampler.", frozen_resamplers),
+                 ("tile_resampler.", frozen_resamplers), ("tile_queries", frozen_resamplers))
+        return tuple(prefix for prefix, random in parts if random)
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """What checkpoints hold: the trained weights, plus the parts no source can rebuild (`unsourced_parts`);
