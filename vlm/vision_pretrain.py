@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.config import TilingConfig
+from vlm.data.format import image_refs
 from vlm.data.synthetic import COLOURS, POSITIONS, QUESTIONS, SHAPES, read_manifest
 from vlm.images import load_image
 from vlm.tiling import tile_image
@@ -81,7 +82,8 @@ def _read_shard(path: str, limit: int, vocab: tuple[str, ...], tiling: TilingCon
             if None in asked.values() or colour is None or shape is None:
                 raise ValueError(f"{path}:{key}: stage 0 needs every corner, colour and shape question in the chat "
                                  f"(a corpus with train_questions=7)")
-            image = load_image(tar.extractfile(members[key + ".0.jpg"]).read())
+            ((ref, _),) = image_refs(record)  # the corpus' one image per chat, named as the pipeline names it
+            image = load_image(tar.extractfile(members[f"{key}.{ref}"]).read())
             tiled = tile_image(image, "high", tiling)
             views = corner_views(tiled.plan.grid)
             idx = torch.tensor([views[pos] for pos in POSITIONS])  # (4,)
