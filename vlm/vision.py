@@ -126,8 +126,8 @@ class VisionEncoder(nn.Module):
         masked too, so padded patches of partial tiles do not leak into real ones through self-attention."""
         if pixel_mask is None:
             pixel_mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.bool, device=pixels.device)
-        pixels, pixel_mask = self.resize_views(pixels, pixel_mask)  # views come at the tile size; the encoder's
-        # padding is the mean colour whatever the input held: patches straddling the edge see no junk
+        pixels, pixel_mask = self.resize_views(pixels, pixel_mask)  # (V, C, s, s): from the tile size to the encoder's
+        # the padding is the mean colour whatever the input held: patches straddling the edge see no junk
         x = self.normalize(pixels).masked_fill(~pixel_mask[:, None], 0.0)  # (V, C, S, S); 0 = the mean colour
         x = x.to(next(self.backbone.parameters()).dtype)
         if self._channels_last:  # timm convnets on channels-last: 2x faster convolutions on CPU (tiny default)
