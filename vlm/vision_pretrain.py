@@ -205,8 +205,7 @@ def ensure_pretrained_vision(model, root: str | Path, cfg: VisionPretrainConfig,
         log.info("vision pretraining: reusing %s", path)
     else:
         start = time.perf_counter()
-        with torch.no_grad():
-            examples = read_examples(root, cfg.images, model.cfg.tiling, cfg.workers, model.vision.resize_views)
+        examples = read_examples(root, cfg.images, model.cfg.tiling, cfg.workers, model.vision.resize_views)
         read_s = time.perf_counter() - start
         metrics = pretrain_vision(model, examples, cfg, seed)
         metrics |= {"read_seconds": round(read_s, 1), "seconds": round(time.perf_counter() - start, 1)}
