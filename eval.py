@@ -19,6 +19,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.checkpoint import load_checkpoint
+from vlm.cli import ensure_task_data
 from vlm.eval.runner import evaluate_config
 from vlm.eval.tasks import TASK_DIR
 
@@ -44,6 +45,7 @@ def main(cfg: DictConfig) -> None:
     path = Path(to_absolute_path(cfg.checkpoint)) if cfg.checkpoint else latest_checkpoint(cfg.run_root)
     print(f"checkpoint: {path}")
     out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    ensure_task_data(cfg)  # the synthetic task's corpus, built if missing
     evaluate_config(cfg, lambda: load_checkpoint(path).eval(), out_dir, info={"checkpoint": str(path)})
 
 

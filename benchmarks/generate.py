@@ -4,7 +4,8 @@ With `fusion.cache_media_kv=True` (the default) every gated cross-attention bloc
 of each sample to keys/values once per request (at prefill) and reuses them at every decode step; with False
 it re-runs `to_kv` on all K visual tokens in every block at every step, as HF Idefics / open_flamingo do.
 Both runs use the same model instance (only `model.cfg.fusion.cache_media_kv` is flipped, which
-`VLM.media_state` copies into the MediaState), greedy decoding and eos disabled, so the tokens must be equal.
+`CrossAttentionFusion.prepare` reads when it builds the media of a request), greedy decoding and eos disabled, so
+the tokens must be equal.
 
 Per decode step = (t(generate N tokens) - t(generate 1 token)) / (N - 1), paired within each repeat.
 generate(1) does image encoding + prefill and stops before any decode step; generate(N) does the same work
@@ -30,7 +31,7 @@ from PIL import Image
 
 from vlm.compose import model_config
 from vlm.model import VLM
-from vlm.processor import Processor, collate
+from vlm.processor import Processor, collate, to_device
 from vlm.tiling import visual_tokens
 
 PROMPTS = ["<image> and <image>: what differs?", "Compare <image> with <image> in one sentence, please.",
@@ -86,12 +87,12 @@ def main() -> None:
     if cfg.fusion.kind != "xattn":
         raise SystemExit("this benchmark is about xattn fusion (model.fusion.kind=xattn)")
     model = VLM(cfg).eval().to(device)
-    for block in model.xattn.blocks:
+    for block in model.fusion.blocks:
         block.attn_gate.data.fill_(args.gate)
         block.ff_gate.data.fill_(args.gate)
     sizes = [(2048, 1536), (1024, 1024)]
     batch, k = build_batch(Processor(cfg, model.tokenizer), args.batch, args.detail, sizes)
-    batch = {key: v.to(device) for key, v in batch.items()}
+    batch = to_device(batch, device)
 
     modes = {"cached": True, "recompute": False}
     gen = {m: [] for m in modes}
@@ -112,8 +113,8 @@ def main() -> None:
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
           f"new tokens {args.new_tokens}, repeats {args.repeats}, overrides {args.override or 'none'}")
     print(f"LM width {model.lm.hidden_size}, LM layers {len(model.lm.layers)}, xattn blocks "
-          f"{len(model.xattn.blocks)} (heads {cfg.fusion.heads} x dim_head {cfg.fusion.dim_head}), "
-          f"media width {model.global_resampler.out_dim}, visual tokens per sample K {k}")
+          f"{len(model.fusion.blocks)} (heads {cfg.fusion.heads} x dim_head {cfg.fusion.dim_head}), "
+          f"media width {model.visual.out_dim}, visual tokens per sample K {k}")
     print(f"identical tokens (torch.equal): {same}")
     med = {m: (statistics.median(gen[m]), 1e3 * statistics.median(step[m])) for m in modes}
     print(f"\n{'mode':<10} {'generate s':>11} {'per-step ms':>12} {'(min-max)':>15} {'recompute/cached':>17}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
@@ -20,7 +21,8 @@ from vlm.eval.tasks import Task
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 options = lambda group: sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 # Config groups whose every option a test below composes and instantiates ("." = train.yaml and eval.yaml).
-TESTED_GROUPS = {".", "model", "model/vision", "model/llm", "model/resampler", "model/fusion", "model/tiling",
+TESTED_GROUPS = {".", "model", "model/vision", "model/lm", "model/resampler", "model/fusion", "model/tiling", "optim",
+                 "schedule",
                  "experiment", "data", "trainer", "logger", "eval", "hydra/launcher"}
 
 
@@ -37,7 +39,7 @@ def _train(*overrides: str):
 @pytest.mark.parametrize("override", [f"model={o}" for o in options("model")]
                          + [f"model/tiling={o}" for o in options("model/tiling")]
                          + [f"model/vision={o}" for o in options("model/vision")]
-                         + [f"model/llm={o}" for o in options("model/llm")]
+                         + [f"model/lm={o}" for o in options("model/lm")]
                          + [f"model/resampler={o}" for o in options("model/resampler")]
                          + [f"model/fusion={o}" for o in options("model/fusion")]
                          + [f"experiment={o}" for o in options("experiment")])
@@ -75,6 +77,24 @@ def test_training_switches_compose(tmp_path):
     trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path))
     assert trainer.accumulate_grad_batches == 4 and trainer.precision == "bf16-mixed"
     assert (cfg.checkpoint.every_n_steps, cfg.log_samples, cfg.mfu_peak_tflops) == (50, True, 989)
+
+
+@pytest.mark.parametrize("optim", options("optim"))
+def test_optim_configs(optim):
+    """An optimizer config is a partial over the parameter groups, as VLMLitModule calls it."""
+    cfg = _train(f"optim={optim}")
+    weight = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = instantiate(cfg.optim)([{"params": [weight]}, {"params": [], "weight_decay": 0.0}])
+    assert isinstance(opt, torch.optim.Optimizer) and opt.defaults["lr"] == cfg.optim.lr == 5e-3  # train.yaml's
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("schedule", options("schedule"))
+def test_schedule_configs(schedule):
+    """A schedule config is a partial from (optimizer step, total) to the LR factor."""
+    factor = instantiate(_train(f"schedule={schedule}").schedule)
+    values = [factor(step, total=100) for step in range(100)]
+    assert all(0 < v <= 1 for v in values) and max(values) == 1
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -152,8 +172,8 @@ def test_eval_configs(task):
 def test_no_tiles_forces_the_global_view_everywhere():
     from PIL import Image
 
-    from vlm.lm import build_tokenizer
     from vlm.processor import Processor
+    from vlm.tokenizer import build_tokenizer
 
     model_cfg = instantiate(_train("experiment=no_tiles").model)
     proc = Processor(model_cfg, build_tokenizer(model_cfg.lm))

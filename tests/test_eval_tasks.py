@@ -61,7 +61,7 @@ def write_vqav2(root: Path, n: int = 5, subtype: str = "val2014", annotations: b
 def xattn():
     torch.manual_seed(0)
     model = VLM(model_config()).eval()
-    for block in model.xattn.blocks:  # make the images matter
+    for block in model.fusion.blocks:  # make the images matter
         block.attn_gate.data.fill_(0.5)
         block.ff_gate.data.fill_(0.5)
     return model, Processor(model.cfg, model.tokenizer)
@@ -70,7 +70,7 @@ def xattn():
 @pytest.fixture(scope="module")
 def prefix():
     torch.manual_seed(0)
-    model = VLM(model_config("model/fusion=prefix_tiny")).eval()
+    model = VLM(model_config("model/fusion=prefix")).eval()
     return model, Processor(model.cfg, model.tokenizer)
 
 
@@ -270,7 +270,7 @@ def test_synthetic_task_generates_long_enough_for_every_corpus_answer():
     """Generation stops at the task's max_new_tokens: the longest answer the corpus asks for, as the built-in byte
     tokenizer supervises it (" triangle</s>" under the plain template), must fit, or it is scored truncated."""
     from vlm.data.synthetic import COLOURS, DEFAULT_VOCAB, SHAPES, CorpusParams
-    from vlm.lm import build_tokenizer
+    from vlm.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(model_config().lm)
     answers = [*DEFAULT_VOCAB, *SHAPES, *COLOURS, *(str(k) for k in range(CorpusParams().max_count + 1))]

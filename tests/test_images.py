@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
-from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_rgb
+from vlm.images import DEFAULT_MAX_PIXELS, TOO_LARGE, UNDECODABLE, UNSUPPORTED, ImageError, load_image, to_rgb
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -227,3 +227,26 @@ def test_pil_bomb_guard_becomes_image_error():
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "missing.png")
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("make", "kwargs", "reason"), [
+    (lambda: _encode(_gradient(), "BMP"), {}, UNSUPPORTED),
+    (lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="1" height="1"></svg>', {}, UNSUPPORTED),
+    (_animated_gif, {}, UNSUPPORTED),
+    (lambda: b"not an image", {}, UNDECODABLE),
+    (lambda: _encode(_gradient(), "PNG")[:60], {}, UNDECODABLE),
+    (lambda: _encode(_gradient(), "PNG"), {"max_pixels": 1000}, TOO_LARGE),
+    (lambda: _bilevel_png(20_000, 20_000), {}, TOO_LARGE),
+], ids=["bmp", "svg", "animated", "garbage", "truncated", "over_limit", "pil_bomb"])
+def test_errors_carry_a_reason_code(make, kwargs, reason):
+    """Callers (the pipeline's skip counts, the converters', the server's status codes) read `reason`, not the text."""
+    with pytest.raises(ImageError) as err:
+        load_image(make(), **kwargs)
+    assert err.value.reason == reason

@@ -14,13 +14,13 @@ from PIL import Image
 from vlm.compose import model_config
 from vlm.data.format import ShardSink, encode_image
 from vlm.data.pipeline import ShardStream, SkipCounter, StreamPosition, collate_stream
-from vlm.lm import build_tokenizer
 from vlm.processor import Processor
 from vlm.tiling import plan_tiles, visual_tokens
+from vlm.tokenizer import build_tokenizer
 
 
 @functools.cache
-def _processor(fusion: str = "xattn_tiny") -> Processor:
+def _processor(fusion: str = "tiny_xattn") -> Processor:
     cfg = model_config(f"model/fusion={fusion}")
     return Processor(cfg, build_tokenizer(cfg.lm))
 
@@ -58,7 +58,7 @@ def _loader(stream: ShardStream, batch_size: int = 2, workers: int = 0):
                                        collate_fn=functools.partial(collate_stream, pad_token_id=pad))
 
 
-@pytest.mark.parametrize("fusion", ["prefix_tiny", "xattn_tiny"])
+@pytest.mark.parametrize("fusion", ["prefix", "tiny_xattn"])
 def test_round_trip_shapes_labels_and_placeholders(tmp_path, fusion):
     proc = _processor(fusion)
     sizes = [((1024, 700), "high"), ((300, 200), "low"), ((1920, 1080), "auto"), ((150, 150), "high")]
@@ -77,7 +77,7 @@ def test_round_trip_shapes_labels_and_placeholders(tmp_path, fusion):
     assert batch["pixel_values"].shape == (sum(p.num_views for p in plans), 3, 512, 512)
     assert batch["pixel_mask"].shape == (sum(p.num_views for p in plans), 512, 512)
     image_id = proc.image_token_id
-    per_image = [visual_tokens(p, proc.cfg) if fusion == "prefix_tiny" else 1 for p in plans]
+    per_image = [visual_tokens(p, proc.cfg) if fusion == "prefix" else 1 for p in plans]
     assert (batch["input_ids"] == image_id).sum(1).tolist() == [per_image[0], per_image[1] + per_image[2],
                                                                 per_image[3]]
     tok = proc.tokenizer
@@ -209,7 +209,7 @@ def test_tokenizer_chat_template_supervises_assistant_turns_only(tmp_path):
     assert tok.decode(batch["input_ids"][0]).startswith("<|system|>Be brief.</s><|user|><image>q?")
 
 
-@pytest.mark.parametrize("fusion", ["prefix_tiny", "xattn_tiny"])
+@pytest.mark.parametrize("fusion", ["prefix", "tiny_xattn"])
 def test_converter_to_shards_to_batch(tmp_path, fusion):
     """Official VQAv2 files -> converter -> shards -> pipeline -> one batch mixing sizes and details."""
     from vlm.data.convert import convert_vqa
@@ -238,7 +238,7 @@ def test_converter_to_shards_to_batch(tmp_path, fusion):
     assert len(plans) == 8  # out/high/*.tar sort before out/low/*.tar
     assert batch["views_per_image"].tolist() == [p.num_views for p in plans]
     per_sample = (batch["input_ids"] == proc.image_token_id).sum(1).tolist()
-    assert per_sample == [visual_tokens(p, proc.cfg) if fusion == "prefix_tiny" else 1 for p in plans]
+    assert per_sample == [visual_tokens(p, proc.cfg) if fusion == "prefix" else 1 for p in plans]
     tok = proc.tokenizer
     answers = [tok.decode(row[row != -100]) for row in batch["labels"]]
     assert answers == [f" thing {m['image_id']}</s>" for m in batch["meta"]]

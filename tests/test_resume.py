@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm.checkpoint import LAST, read_checkpoint, stream_position
+from vlm.checkpoint import LAST, read_checkpoint
+from vlm.training import stream_position
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = dict(n_train=16, n_val=0, n_test=0, shard_size=4, detail="low")  # 4 shards, one view per sample: fast

@@ -18,7 +18,7 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from vlm.data.prompts import generation_prompt  # noqa: E402
+from vlm.prompts import generation_prompt  # noqa: E402
 from vlm.serve.app import ServeConfig, create_app, load_model  # noqa: E402
 from vlm.tiling import plan_tiles, visual_tokens  # noqa: E402
 

@@ -9,11 +9,13 @@ from skimage import data as skdata
 from vlm.config import ResamplerConfig, TilingConfig, VLMConfig
 from vlm.tiling import (
     TilePlan,
+    ViewPositions,
     api_tokens,
     patch_mask,
     plan_tiles,
     resize,
     tile_image,
+    token_budget,
     untile,
     visual_tokens,
 )
@@ -63,6 +65,17 @@ def test_visual_tokens_follows_config():
     plan = plan_tiles(1024, 1024)
     assert visual_tokens(plan, cfg) == 33 + 4 * 9
     assert visual_tokens(plan_tiles(1024, 1024, "low"), cfg) == 33
+    budget = token_budget(cfg)
+    assert (budget.global_view, budget.tile) == (33, 9) and budget.image(plan) == 33 + 4 * 9
+    assert budget.views(torch.tensor([False, True, True])).tolist() == [33, 9, 9]
+
+
+def test_view_positions_index_cat_and_compare():
+    grid = ViewPositions.grid(2, 3)
+    assert len(grid) == 6 and grid.row.tolist() == [0, 0, 0, 1, 1, 1] and grid.col.tolist() == [0, 1, 2, 0, 1, 2]
+    both = ViewPositions.cat([ViewPositions.global_view(), grid])
+    assert len(both) == 7 and both[1:] == grid and both[0:1] == ViewPositions.global_view()
+    assert both[torch.tensor([0, 6])].col.tolist() == [0, 2] and not both[1:] == ViewPositions.grid(3, 2)
 
 
 def test_auto_detail():
@@ -101,7 +114,9 @@ def test_partial_tile_masks_513x150():
     t = tile_image(img)
     assert t.pixels.shape == (3, 3, S, S) and t.pixels.dtype == torch.uint8
     assert t.mask.shape == (3, S, S) and t.mask.dtype == torch.bool
-    assert t.positions.tolist() == [[0, 0, 0, 1, 1], [1, 0, 0, 1, 2], [1, 0, 1, 1, 2]]
+    p = t.positions
+    assert [p.is_tile.tolist(), p.row.tolist(), p.col.tolist(), p.rows.tolist(), p.cols.tolist(), p.frame.tolist()] == [
+        [0, 1, 1], [0, 0, 0], [0, 0, 1], [1, 1, 1], [1, 2, 2], [0, 0, 0]]
     assert _extent(t.mask[1]) == (150, 512)
     assert _extent(t.mask[2]) == (150, 1)
     assert int(t.mask[2].sum()) == 150
@@ -112,9 +127,9 @@ def test_partial_tile_masks_513x150():
 def test_partial_tile_masks_1920x1080():
     t = tile_image(_noise(1920, 1080))
     assert t.plan.resized == (1365, 768) and t.plan.grid == (3, 2)
-    assert (t.positions[1:, 3:] == torch.tensor([2, 3])).all()  # every tile knows the grid: 2 rows, 3 cols
-    rows_cols = t.positions[1:, 1:3].tolist()
-    assert rows_cols == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]  # row-major
+    tiles = t.positions[1:]
+    assert (tiles.rows == 2).all() and (tiles.cols == 3).all()  # every tile knows the grid: 2 rows, 3 cols
+    assert list(zip(tiles.row.tolist(), tiles.col.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     extents = [_extent(m) for m in t.mask[1:]]
     assert extents == [(512, 512), (512, 512), (512, 341), (256, 512), (256, 512), (256, 341)]
     assert (t.pixels[1:].permute(1, 0, 2, 3)[:, ~t.mask[1:]] == 0).all()
@@ -146,7 +161,7 @@ def test_tiles_reassemble_exactly(make):
     rebuilt = untile(t)
     assert rebuilt.shape == (3, t.plan.resized[1], t.plan.resized[0])
     assert torch.equal(rebuilt, expected)
-    assert t.pixels.shape[0] == t.mask.shape[0] == t.positions.shape[0] == t.plan.num_views
+    assert t.pixels.shape[0] == t.mask.shape[0] == len(t.positions) == t.plan.num_views
 
 
 def test_global_view_pad_keeps_aspect():
@@ -172,7 +187,7 @@ def test_global_view_stretch_and_low():
     assert torch.equal(t.pixels[0], resize(resize(img, (1365, 768)), (512, 512)))
     low = tile_image(img, "low", cfg)
     assert low.pixels.shape == (1, 3, S, S) and low.mask.shape == (1, S, S)
-    assert low.positions.tolist() == [[0, 0, 0, 1, 1]]
+    assert low.positions == ViewPositions.global_view() and int(low.positions.rows) == 1
     assert low.plan.num_views == 1 and low.mask.all()
     with pytest.raises(ValueError, match="no tiles"):
         untile(low)

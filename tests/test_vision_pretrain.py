@@ -21,7 +21,7 @@ from vlm.vision_pretrain import (
 
 CORPUS = dict(n_train=10, n_val=0, n_test=0, seed=5, shard_size=5, clear_text_tiles=True, aspect_range=(2.0, 2.0),
               text_region=(0.3, 0.3), text_cap_px=24)
-MODEL = ("model/vision=tiny_resnet", "model.tile_resampler.pooled_queries=false")
+MODEL = ()  # the tiny default: a tiny ResNet, its stage-0 resamplers frozen for the VLM stage
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_stage0_trains_caches_and_loads(corpus):
     metrics = ensure_pretrained_vision(model, corpus, cfg, seed=0)
     assert {"held_out_word_acc", "held_out_colour_acc", "held_out_shape_acc"} <= set(metrics)
     after = stage_state(model)
-    for prefix in ("vision.", "tile_resampler.", "global_resampler."):
+    for prefix in ("vision.", "visual.tile_resampler.", "visual.global_resampler."):
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
     assert not any(p.requires_grad for p in model.vision.parameters())  # frozen again for the VLM stage
     path = corpus / "vision_pretrain" / f"{cache_key(model, corpus, cfg, 0)}.pt"
@@ -119,9 +119,10 @@ def test_train_py_runs_stage0_then_freezes_the_pretrained_encoder(corpus, tmp_pa
 
 
 def test_frozen_resamplers_stay_out_of_the_optimizer_but_in_checkpoints():
-    model = VLM(model_config(*MODEL, "model.freeze.resamplers=true", "model.freeze.llm=false"))
-    for part in (model.global_resampler, model.tile_resampler):
+    model = VLM(model_config(*MODEL))
+    for part in (model.visual.global_resampler, model.visual.tile_resampler):
         assert not any(p.requires_grad for p in part.parameters()) and not part.training
-    assert any(p.requires_grad for p in model.view_embedding.parameters())  # tile positions still train
+    assert any(p.requires_grad for p in model.visual.view_embedding.parameters())  # tile positions still train
     kept = model.checkpoint_state_dict()
-    assert all(k in kept for k in model.state_dict() if k.startswith(("global_resampler.", "tile_resampler.")))
+    assert all(k in kept for k in model.state_dict() if k.startswith(("visual.global_resampler.",
+                                                                       "visual.tile_resampler.")))

@@ -1,6 +1,13 @@
-"""Checkpoints, read without Lightning: the plain `checkpoint.pt` a finished run writes (the resolved config plus
-the trained weights), and the training checkpoints (`checkpoints/last.ckpt`) Lightning writes during a run, which
-also hold the optimizer, LR scheduler and loop state and the data stream position of every rank."""
+"""Weights I/O, without Lightning and without the data pipeline: the plain `checkpoint.pt` a finished run writes (the
+model config, the trained weights and the run's resolved config) and the weights inside the training checkpoints
+(`checkpoints/last.ckpt`) Lightning writes during a run. What else a training checkpoint holds for a resume (the
+optimizer, the data stream position) is read by `vlm.training`.
+
+Format versions: 2 (today) names the parts as `VLM` does (`visual.*`, `fusion.*`, `learned_tokens.*`). Checkpoints
+written before (no `format_version`) named them `global_resampler.*`, `tile_resampler.*`, `tile_queries`,
+`view_embedding.*`, `xattn.blocks.*`, `media_marker` and `projector.proj.*`; `upgrade_state_dict` renames those keys
+on load.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,28 @@ from pathlib import Path
 import torch
 
 from vlm.config import VLMConfig
-from vlm.data.pipeline import StreamPosition
 from vlm.model import VLM
 
+FORMAT_VERSION = 2
 LAST = Path("checkpoints") / "last.ckpt"  # the training checkpoint a run folder is resumed from
+_RENAMED = (  # format 1 -> 2: (old prefix, new prefix)
+    ("global_resampler.", "visual.global_resampler."), ("tile_resampler.", "visual.tile_resampler."),
+    ("tile_queries", "visual.tile_queries"), ("view_embedding.", "visual.view_embedding."),
+    ("xattn.blocks.", "fusion.blocks."), ("media_marker", "learned_tokens.image"), ("projector.", "fusion."),
+)
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Keys of a format-1 state dict (after `prefix`, e.g. Lightning's "model.") renamed to today's; today's keys
+    pass unchanged."""
+    def rename(key: str) -> str:
+        inner = key.removeprefix(prefix)
+        for old, new in _RENAMED:
+            if inner.startswith(old) and not inner.startswith(new):
+                return prefix + new + inner[len(old):]
+        return key
+
+    return {rename(k): v for k, v in state.items()}
 
 
 def save_checkpoint(path: str | Path, model: VLM, state_dict: dict | None = None, **extra) -> Path:
@@ -21,7 +46,7 @@ def save_checkpoint(path: str | Path, model: VLM, state_dict: dict | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = model.checkpoint_state_dict() if state_dict is None else state_dict
-    blob = {"model_config": model.cfg.to_dict(), "state_dict": weights, **extra}
+    blob = {"format_version": FORMAT_VERSION, "model_config": model.cfg.to_dict(), "state_dict": weights, **extra}
     torch.save(blob, path)
     return path
 
@@ -32,10 +57,10 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
 
 def trained_weights(blob: dict) -> dict[str, torch.Tensor]:
     """The trained weights of either format, keyed as in `VLM` (Lightning prefixes them with the module's
-    attribute name, `model.`)."""
+    attribute name, `model.`), format-1 keys renamed."""
     if "pytorch-lightning_version" in blob:
-        return {k.removeprefix("model."): v for k, v in blob["state_dict"].items()}
-    return blob["state_dict"]
+        return upgrade_state_dict({k.removeprefix("model."): v for k, v in blob["state_dict"].items()})
+    return upgrade_state_dict(blob["state_dict"])
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> VLM:
@@ -47,15 +72,6 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> VLM:
     except KeyError as e:
         raise KeyError(f"{path}: {e.args[0]}") from e
     return model
-
-
-def stream_position(blob: dict, rank: int = 0, world_size: int = 1) -> StreamPosition:
-    """Where the data stream of `rank` stood when the training checkpoint was written."""
-    states = blob["stream_position"]  # one per rank
-    if len(states) != world_size:
-        raise ValueError(f"the checkpoint holds the data positions of {len(states)} rank(s) but this run has "
-                         f"{world_size}: resume with as many processes as the run had")
-    return StreamPosition.from_state(states[rank])
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:

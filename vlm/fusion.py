@@ -1,49 +1,50 @@
-"""Fusion of visual tokens into a frozen causal LM: Flamingo gated cross-attention, or a BLIP-2/LLaVA prefix.
+"""How visual tokens enter the LM: Flamingo's gated cross-attention, or a BLIP-2 / LLaVA prefix.
 
-Shapes: B batch, T text tokens, K visual tokens per sample (all its images, padded), I images in the batch,
-D visual width, Dl LM hidden width, De LM embedding width, H heads, d head width.
+One object per fusion kind answers everything that depends on the kind, so the model never branches on it:
+- `placeholders(visual_tokens)`: the tokens one image takes in the text (the processor asks it);
+- `prepare(embeds, is_image, tokens, ...)`: the LM's input embeddings, and the media of this batch (or None);
+- `learns_image_token`: whether the image token gets a learned embedding (`vlm.lm.LearnedTokens`);
+- `media.layers(...)`: for one LM call, the functions to run before decoder layers (`vlm.lm` installs them for that
+  call only and removes them after it), closed over that call's media. Nothing is kept in a module between calls.
+- `metrics()`: what to log about it (the tanh gates), `matmul_tokens(counts)`: the tokens its weights multiply.
 
-xattn differs from open_flamingo in two ways. (1) Instead of wrapping decoder layers and stashing vision
-features in them (`condition_vis_x`), we register forward pre-hooks on the LM's own decoder layers, so its
-state_dict keys stay untouched, and the media reaches them through `XAttnFusion.media(...)`, a context that
-lives for exactly one LM call. (2) Media keys/values are projected once per request and reused at every
-decode step (`MediaState.kv`); HF Idefics and open_flamingo recompute them each step.
+Shapes: B samples, T text tokens (of one LM call), I images in the batch, N visual tokens of the batch (flat),
+K visual tokens per sample (all its images, zero padded), D visual width, Dl LM hidden width, De LM embedding width,
+H heads, d head width.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from vlm.config import FusionConfig
 from vlm.layers import FeedForward, attend, merge_heads, split_heads
+from vlm.lm import LayerFns
 
 
-@dataclass
-class MediaState:
-    """Everything the cross-attention layers need for one LM call (prefill, decode step or training step)."""
-
-    media: torch.Tensor  # (B, K, D) visual tokens per sample, zero padded
-    key_image: torch.Tensor  # (B, K) 1-based index of the image each key belongs to within its sample; 0 = pad
-    text_time: torch.Tensor  # (B, T) how many images precede (or are at) each text token of this call
-    only_immediate: bool = True
-    cache_kv: bool = True
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (k, v)
-
-    def attention_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, T, K) may-attend mask and (B, T, 1) has-media. Rows with no image before them (text_time 0)
-        are opened to every key to keep SDPA finite, then their output is zeroed by has_media."""
-        kt = self.key_image[:, None, :]  # (B, 1, K)
-        tt = self.text_time[:, :, None]  # (B, T, 1)
-        allowed = (kt == tt) if self.only_immediate else (kt <= tt)  # (B, T, K)
-        allowed = allowed & (kt > 0)
-        has_media = tt > 0  # (B, T, 1)
-        return (allowed | ~has_media)[:, None], has_media  # (B, 1, T, K), (B, T, 1)
+def check_counts(got: torch.Tensor, expected: torch.Tensor, got_name: str, expected_name: str) -> None:
+    """Fail loudly, with the counts, when placeholders and visual features disagree (per sample)."""
+    if not torch.equal(got, expected):
+        bad = (got != expected).nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"image placeholders and visual features disagree: sample(s) {bad} have {got[bad].tolist()} "
+            f"{got_name} in the text but {expected[bad].tolist()} {expected_name} from their images "
+            f"(totals {int(got.sum())} vs {int(expected.sum())})")
 
 
+def per_sample(values: torch.Tensor, images_per_sample: torch.Tensor) -> torch.Tensor:
+    """(I,) values of each image -> (B,) their sums per sample."""
+    sample_of_image = torch.repeat_interleave(torch.arange(len(images_per_sample), device=values.device),
+                                              images_per_sample)  # (I,)
+    return torch.zeros_like(images_per_sample).index_add_(0, sample_of_image, values)  # (B,)
+
+
+# ------------------------------------------------------------------------------------------- cross-attention
 class GatedCrossAttentionBlock(nn.Module):
     """Flamingo's GATED XATTN-DENSE: y += tanh(a) * xattn(y, media); y += tanh(b) * ffw(y). Gates start at
     `gate_init` (0 as in Flamingo unless configured)."""
@@ -73,8 +74,59 @@ class GatedCrossAttentionBlock(nn.Module):
         return x + torch.tanh(self.ff_gate) * self.ff(x)
 
 
-class XAttnFusion(nn.Module):
-    """Gated cross-attention blocks before every n-th decoder layer of the LM, installed as pre-hooks."""
+@dataclass
+class CrossAttentionMedia:
+    """One batch's media for the cross-attention blocks, made once per forward or per generated request.
+
+    `kv`: each block's projected keys/values, computed once and reused by every LM call of a request (the media K/V
+    cache); None recomputes them at every call (the reference path generation tests compare against)."""
+
+    blocks: nn.ModuleList
+    layer_ids: list[int]
+    media: torch.Tensor  # (B, K, D) visual tokens per sample, zero padded
+    key_image: torch.Tensor  # (B, K) 1-based index of the image each key belongs to within its sample; 0 = pad
+    text_time: torch.Tensor  # (B, T) how many images precede (or are at) each prompt token
+    only_immediate: bool
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+    def layers(self, new_tokens: int = 0, cached: bool = False) -> LayerFns:
+        """The pre-layer functions of one LM call: over the prompt (`new_tokens` 0), or a decode step after
+        `new_tokens` generated tokens, on the newest token alone (`cached`, the LM's KV cache holds the rest) or on
+        the whole sequence. No image arrives while decoding: generated tokens keep the prompt's last image."""
+        time = self.text_time  # (B, T)
+        if new_tokens:
+            last = time[:, -1:]  # (B, 1)
+            time = last if cached else torch.cat([time, last.expand(-1, new_tokens)], dim=1)  # (B, 1) / (B, T+n)
+        mask, has_media = self.attention_mask(time)
+        return {layer: partial(self._block, slot, mask, has_media) for slot, layer in enumerate(self.layer_ids)}
+
+    def _block(self, slot: int, mask: torch.Tensor, has_media: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[slot]
+        kv = self.kv[slot] if self.kv is not None else block.media_kv(self.media)
+        return block(hidden, kv, mask, has_media)  # (B, T, Dl)
+
+    def attention_mask(self, text_time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, T, K) may-attend mask and (B, T, 1) has-media. Rows with no image before them (text_time 0)
+        are opened to every key to keep SDPA finite, then their output is zeroed by has_media."""
+        kt = self.key_image[:, None, :]  # (B, 1, K)
+        tt = text_time[:, :, None]  # (B, T, 1)
+        allowed = (kt == tt) if self.only_immediate else (kt <= tt)  # (B, T, K)
+        allowed = allowed & (kt > 0)
+        has_media = tt > 0  # (B, T, 1)
+        return (allowed | ~has_media)[:, None], has_media  # (B, 1, T, K), (B, T, 1)
+
+
+class CrossAttentionFusion(nn.Module):
+    """Flamingo: gated cross-attention blocks before every n-th decoder layer of the LM; the text holds one `<image>`
+    marker per image, whose embedding is learned (`learns_image_token`: the model's `LearnedTokens`)."""
+
+    # vs open_flamingo: the LM's decoder layers are never wrapped or given state (`condition_vis_x`); the blocks run
+    # through functions bound to one LM call, so the LM's state_dict keys stay untouched, and the media keys/values
+    # are projected once per request, not at every decode step (HF Idefics and open_flamingo recompute them).
+
+    kind = "xattn"
+    count_names = ("<image> markers", "images")
+    learns_image_token = True  # the marker's embedding trains; the LM's own table has no row for it
 
     def __init__(self, cfg: FusionConfig, *, lm_dim: int, media_dim: int, num_layers: int):
         super().__init__()
@@ -85,65 +137,100 @@ class XAttnFusion(nn.Module):
                                      ff_mult=cfg.ff_mult, gate_init=cfg.gate_init)
             for _ in self.layer_ids
         )
-        self._state: MediaState | None = None
-        self._mask: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._handles = []
 
-    def attach(self, layers: nn.ModuleList) -> None:
-        """Install the pre-hooks on the LM's decoder layers (found generically by `find_layer_stack`)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = [
-            layers[layer].register_forward_pre_hook(self._hook(slot), with_kwargs=True)
-            for slot, layer in enumerate(self.layer_ids)
-        ]
+    @staticmethod
+    def placeholders(visual_tokens):
+        """One marker per image, whatever its visual tokens (an int or an (I,) tensor of them)."""
+        return torch.ones_like(visual_tokens) if torch.is_tensor(visual_tokens) else 1
 
-    def _hook(self, slot: int):
-        def pre_hook(module, args, kwargs):
-            state = self._state
-            if state is None:  # the LM used on its own: untouched
-                return None
-            block = self.blocks[slot]
-            kv = state.kv.get(slot) if state.cache_kv else None
-            if kv is None:
-                kv = block.media_kv(state.media)
-                if state.cache_kv:
-                    state.kv[slot] = kv
-            if args:
-                return (block(args[0], kv, *self._mask), *args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = block(kwargs["hidden_states"], kv, *self._mask)
-            return args, kwargs
+    def prepare(self, embeds: torch.Tensor, is_image: torch.Tensor, tokens: torch.Tensor,
+                tokens_per_image: torch.Tensor, images_per_sample: torch.Tensor, *, cache_kv: bool = True
+                ) -> tuple[torch.Tensor, CrossAttentionMedia]:
+        """embeds (B, T, De) as they are (the markers' rows are learned tokens), and the media: the flat visual tokens
+        (N, D) scattered into per-sample keys (B, K, D), each remembering which image of its sample it came from."""
+        check_counts(is_image.sum(1), per_sample(self.placeholders(tokens_per_image), images_per_sample),
+                     *self.count_names)
+        B, dev = is_image.shape[0], tokens.device
+        sample_of_image = torch.repeat_interleave(torch.arange(B, device=dev), images_per_sample)  # (I,)
+        first_image = images_per_sample.cumsum(0) - images_per_sample  # (B,) index of each sample's 1st image
+        rank_in_sample = torch.arange(len(tokens_per_image), device=dev) - first_image[sample_of_image] + 1  # (I,)
+        tokens_per_sample = per_sample(tokens_per_image, images_per_sample)  # (B,)
+        image_of_token = torch.repeat_interleave(torch.arange(len(tokens_per_image), device=dev),
+                                                 tokens_per_image)  # (N,)
+        sample_of_token = sample_of_image[image_of_token]  # (N,)
+        first_token = tokens_per_sample.cumsum(0) - tokens_per_sample  # (B,)
+        slot = torch.arange(len(tokens), device=dev) - first_token[sample_of_token]  # (N,) key index in sample
+        media = tokens.new_zeros(B, int(tokens_per_sample.max()), tokens.shape[-1])  # (B, K, D)
+        media[sample_of_token, slot] = tokens
+        key_image = torch.zeros(media.shape[:2], dtype=torch.long, device=dev)  # (B, K)
+        key_image[sample_of_token, slot] = rank_in_sample[image_of_token]
+        kv = [block.media_kv(media) for block in self.blocks] if cache_kv and self.cfg.cache_media_kv else None
+        return embeds, CrossAttentionMedia(self.blocks, self.layer_ids, media, key_image, is_image.long().cumsum(1),
+                                           self.cfg.only_immediate, kv)
 
-        return pre_hook
+    def metrics(self) -> dict[str, float]:
+        """tanh of each gate, by the decoder layer it precedes."""
+        out = {}
+        for kind in ("attn", "ff"):
+            out |= {f"gate/{kind}_{layer}": torch.tanh(getattr(b, f"{kind}_gate")).item()
+                    for layer, b in zip(self.layer_ids, self.blocks)}
+        return out
 
-    @contextlib.contextmanager
-    def media(self, state: MediaState | None):
-        """Make `state` visible to the decoder-layer hooks for the duration of one LM call."""
-        if state is None:
-            yield
-            return
-        self._state, self._mask = state, state.attention_mask()
-        try:
-            yield
-        finally:
-            self._state, self._mask = None, None
-
-    def gates(self) -> dict[str, float]:
-        return {f"gate/attn_{layer}": torch.tanh(b.attn_gate).item() for layer, b in zip(self.layer_ids,
-                                                                                          self.blocks)} | {
-            f"gate/ff_{layer}": torch.tanh(b.ff_gate).item() for layer, b in zip(self.layer_ids, self.blocks)}
+    @staticmethod
+    def matmul_tokens(counts: Counter) -> int:
+        """The tokens its weights multiply (for FLOPs): the text, padding included (the media K/V is left out)."""
+        return counts["padded_text_tokens"]
 
 
-class PrefixProjector(nn.Module):
-    """BLIP-2 / LLaVA: project visual tokens to the LM's embedding width; the model splices them in."""
+# ------------------------------------------------------------------------------------------------------- prefix
+class PrefixFusion(nn.Module):
+    """BLIP-2 / LLaVA: the visual tokens, projected to the LM's embedding width, replace the image's placeholders
+    (one per visual token) in the LM's input."""
+
+    kind = "prefix"
+    count_names = ("image placeholder tokens", "visual tokens")
+    learns_image_token = False  # its placeholders' rows are the visual tokens
 
     def __init__(self, cfg: FusionConfig, *, media_dim: int, embed_dim: int):
         super().__init__()
+        self.cfg = cfg
         if cfg.projector == "linear":
             self.proj = nn.Linear(media_dim, embed_dim)
         else:  # LLaVA-1.5's two-layer MLP
             self.proj = nn.Sequential(nn.Linear(media_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(tokens)  # (N, D) -> (N, De)
+    @staticmethod
+    def placeholders(visual_tokens):
+        """One placeholder per visual token."""
+        return visual_tokens
+
+    def prepare(self, embeds: torch.Tensor, is_image: torch.Tensor, tokens: torch.Tensor,
+                tokens_per_image: torch.Tensor, images_per_sample: torch.Tensor, *, cache_kv: bool = True
+                ) -> tuple[torch.Tensor, None]:
+        check_counts(is_image.sum(1), per_sample(self.placeholders(tokens_per_image), images_per_sample),
+                     *self.count_names)
+        visual = self.proj(tokens).to(embeds.dtype)  # (N, D) -> (N, De)
+        return embeds.masked_scatter(is_image[..., None], visual), None  # (B, T, De)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    @staticmethod
+    def matmul_tokens(counts: Counter) -> int:
+        return counts["visual_tokens"]
+
+
+FUSIONS: dict[str, type[nn.Module]] = {"xattn": CrossAttentionFusion, "prefix": PrefixFusion}
+
+
+def fusion_class(kind: str) -> type[nn.Module]:
+    if kind not in FUSIONS:
+        raise ValueError(f"fusion.kind must be one of {sorted(FUSIONS)}, got {kind!r}")
+    return FUSIONS[kind]
+
+
+def build_fusion(cfg: FusionConfig, *, lm, media_dim: int) -> nn.Module:
+    """The fusion `cfg.kind` names, for the LM adapter `lm` (its widths and depth) and the visual width."""
+    if fusion_class(cfg.kind) is PrefixFusion:
+        return PrefixFusion(cfg, media_dim=media_dim, embed_dim=lm.embed_dim)
+    return CrossAttentionFusion(cfg, lm_dim=lm.hidden_size, media_dim=media_dim, num_layers=len(lm.layers))

@@ -26,8 +26,16 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 WHITE = (255, 255, 255)
 
 
+UNSUPPORTED, TOO_LARGE, UNDECODABLE = "unsupported", "too_large", "undecodable"  # ImageError.reason
+
+
 class ImageError(ValueError):
-    """The input is not an image we accept: unsupported format, animated, too large, or undecodable."""
+    """The input is not an image we accept. `reason` says why, for callers to act on (never the message text):
+    UNSUPPORTED (a format we do not take, or animated), TOO_LARGE (over the pixel limit), UNDECODABLE."""
+
+    def __init__(self, message: str, reason: str = UNDECODABLE):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _sniff(data: bytes) -> str | None:
@@ -51,11 +59,11 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         try:
             return Image.open(io.BytesIO(data))  # reads the header only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"image too large: {e}") from e
+            raise ImageError(f"image too large: {e}", TOO_LARGE) from e
         except UnidentifiedImageError as e:
             fmt = _sniff(data)
             if fmt is not None:
-                raise ImageError(f"unsupported image format {fmt!r}; accepted: {ACCEPTED}") from e
+                raise ImageError(f"unsupported image format {fmt!r}; accepted: {ACCEPTED}", UNSUPPORTED) from e
             raise ImageError(f"could not decode image: {e}") from e
         except MemoryError:
             raise
@@ -67,12 +75,12 @@ def _check_and_decode(img: Image.Image, max_pixels: int | None) -> Image.Image:
     """Format, animation and size checks from the header, then decode the first frame's pixels."""
     if img.format is not None:  # None: an image built in memory, nothing to check
         if img.format not in _FORMATS:
-            raise ImageError(f"unsupported image format {img.format!r}; accepted: {ACCEPTED}")
+            raise ImageError(f"unsupported image format {img.format!r}; accepted: {ACCEPTED}", UNSUPPORTED)
         if img.format != "MPO" and getattr(img, "is_animated", False):
-            raise ImageError(f"unsupported image: animated {img.format}; accepted: {ACCEPTED}")
+            raise ImageError(f"unsupported image: animated {img.format}; accepted: {ACCEPTED}", UNSUPPORTED)
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(f"image too large: {w}x{h} = {w * h} pixels, limit {max_pixels}")
+        raise ImageError(f"image too large: {w}x{h} = {w * h} pixels, limit {max_pixels}", TOO_LARGE)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on: truncated images will not be refused",
                       stacklevel=3)

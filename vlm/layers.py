@@ -1,7 +1,7 @@
 """Shared blocks: activations, the pre-norm feed-forward, masked multi-head attention over SDPA; finding a
 model's block stack and activation checkpointing.
 
-Shapes: B batch, Tq queries, Tk keys, D width, H heads, d head width.
+Shapes: B batch, M queries, R keys (any sequences), D width, H heads, d head width.
 """
 
 from __future__ import annotations
@@ -43,18 +43,18 @@ class FeedForward(nn.Sequential):
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return rearrange(x, "b t (h d) -> b h t d", h=heads)  # (B, T, H*d) -> (B, H, T, d)
+    return rearrange(x, "b t (h d) -> b h t d", h=heads)  # (B, M, H*d) -> (B, H, M, d)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    return rearrange(x, "b h t d -> b t (h d)")  # (B, H, T, d) -> (B, T, H*d)
+    return rearrange(x, "b h t d -> b t (h d)")  # (B, H, M, d) -> (B, M, H*d)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
            dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention on (B, H, T, d) tensors. `mask`: bool, True = may attend, broadcastable
-    to (B, H, Tq, Tk). Every query row must allow at least one key (callers guarantee it)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, Tq, d)
+    to (B, H, M, R). Every query row must allow at least one key (callers guarantee it)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, M, d)
 
 
 def find_layer_stack(model: nn.Module, n: int) -> nn.ModuleList:

@@ -1,70 +1,92 @@
-"""Thin Lightning glue around the plain `VLM` module: optimizer groups, schedule, per-step metrics, and what a
-training checkpoint holds for an exact resume (the data stream position, the configs)."""
+"""Thin Lightning glue around the plain `VLM` module: the optimizer (a partial from `configs/optim/`) over parameter
+groups, the LR schedule (`configs/schedule/`), per-step metrics, and what a training checkpoint holds for an exact
+resume (the data stream position, the configs)."""
 
 from __future__ import annotations
 
-import itertools
-import json
+import functools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable
 
 import lightning as L
 import torch
 
-from vlm.checkpoint import stream_position
+from vlm.checkpoint import upgrade_state_dict
 from vlm.config import VLMConfig
 from vlm.data.pipeline import StreamPosition
 from vlm.model import VLM
+from vlm.parallel import all_gather_objects, clip_grad_norm
 from vlm.throughput import RATES, StepMeter, batch_counts, measure_peak_flops, precision_dtype, step_flops
+from vlm.training import stream_position
 
 log = logging.getLogger(__name__)
 
-NO_DECAY = ("bias", "norm", "gate", "embedding", "queries", "latents", "media_marker")
+# Silenced on purpose, each for its reason; everything else Lightning and torch say is kept.
+_WARNINGS = (
+    # our frozen parts (vision tower, LLM, stage-0 resamplers) stay in eval mode while the rest trains (VLM.train)
+    (r"Found \d+ module\(s\) in eval mode at the start of training", Warning),
+    # Lightning 2.6's own call into torch.utils._pytree, deprecated by torch 2.14: nothing the project calls
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters, with no weight decay on biases, norms, gates, embeddings and learned queries."""
+class _NoAdverts(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing [litlogger] / [litmodels]" lines advertise its cloud services, not this
+    run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    for message, category in _WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoAdverts())
+
+
+NO_DECAY = ("bias", "norm", "gate", "embedding", "queries", "latents", "learned_tokens")
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Trainable parameters in two groups: with the optimizer's weight decay, and without it (biases, norms, gates,
+    embeddings, learned queries and the image marker)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """The LR factor at optimizer step `step`: linear warmup over `warmup` steps, then cosine down to `min_ratio`."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class StepTokens:
-    """Batches plus `step_tokens`: the supervised tokens of the `accumulate` micro-batches of their optimizer step
-    on this rank, counted ahead (the step's batches are held in memory) for `VLMLitModule.loss_normaliser`.
-    Lightning steps after every `accumulate` batches of an epoch; a shorter last group counts its own tokens."""
-
-    def __init__(self, batches: Iterable[dict], accumulate: int, count: Callable[[dict], torch.Tensor]):
-        self.batches, self.accumulate, self.count = batches, accumulate, count
-
-    def __iter__(self) -> Iterator[dict]:
-        it = iter(self.batches)
-        while group := list(itertools.islice(it, self.accumulate)):
-            tokens = sum(self.count(b) for b in group)  # 0-dim
-            yield from ({**b, "step_tokens": tokens} for b in group)
+DEFAULT_OPTIMIZER = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
+DEFAULT_SCHEDULE = functools.partial(warmup_cosine, warmup=20)
 
 
 class VLMLitModule(L.LightningModule):
-    """mfu_peak_tflops: per-device peak for the MFU metric (None: measured at the start of training);
+    """optimizer: a partial taking the parameter groups (`configs/optim/*.yaml`); schedule: a partial taking the
+    optimizer step and `total` (the run's max_steps) to the LR factor (`configs/schedule/*.yaml`);
+    mfu_peak_tflops: per-device peak for the MFU metric (None: measured at the start of training);
     run_config: the run's resolved config, stored in training checkpoints."""
 
-    def __init__(self, cfg: VLMConfig, *, lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 20,
-                 max_steps: int = 1000, mfu_peak_tflops: float | None = None, run_config: dict | None = None):
+    def __init__(self, cfg: VLMConfig, *, optimizer: Callable = DEFAULT_OPTIMIZER,
+                 schedule: Callable[..., float] = DEFAULT_SCHEDULE, max_steps: int = 1000,
+                 mfu_peak_tflops: float | None = None, run_config: dict | None = None):
         super().__init__()
+        quiet_lightning()
         self.cfg = cfg
         self.model = VLM(cfg)
-        self.lr, self.weight_decay, self.warmup_steps, self.max_steps = lr, weight_decay, warmup_steps, max_steps
+        self.make_optimizer, self.lr_schedule, self.max_steps = optimizer, schedule, max_steps
         self.mfu_peak_tflops, self.run_config = mfu_peak_tflops, run_config
         self.stream_position = StreamPosition()  # what the training steps consumed (not what workers prefetched)
         self.meter = StepMeter()
@@ -91,9 +113,7 @@ class VLMLitModule(L.LightningModule):
         """Once per optimizer step, after all its accumulated micro-batches: learning rate, tanh gates, and the
         throughput and MFU of the step (from the wall time since the previous one; none for the first)."""
         counts, dt = self.meter.step()
-        metrics = {"lr": optimizer.param_groups[0]["lr"]}
-        if self.model.xattn is not None:
-            metrics |= self.model.xattn.gates()
+        metrics = {"lr": optimizer.param_groups[0]["lr"]} | self.model.fusion.metrics()
         if dt is not None:
             metrics |= {f"{k}_per_s": counts[k] / dt for k in RATES}
             metrics |= {"step_time_s": dt, "mfu": step_flops(self.model, counts) / dt / self.peak_flops}
@@ -104,7 +124,7 @@ class VLMLitModule(L.LightningModule):
         """Lightning stores the trained weights (`state_dict`), optimizer, LR scheduler and loop state; added here:
         the data stream position of every rank, the model config and the run's resolved config."""
         checkpoint["state_dict"] = self.checkpoint_weights(checkpoint["state_dict"])
-        checkpoint["stream_position"] = _all_ranks(self.stream_position.state_dict())
+        checkpoint["stream_position"] = all_gather_objects(self.stream_position.state_dict())
         checkpoint["model_config"] = self.cfg.to_dict()
         checkpoint["config"] = self.run_config
 
@@ -127,17 +147,14 @@ class VLMLitModule(L.LightningModule):
         return tokens / (world * accumulate)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(param_groups(self.model, self.weight_decay), lr=self.lr, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, warmup=self.warmup_steps, total=self.max_steps))
+        opt = self.make_optimizer(param_groups(self.model))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_schedule(step, total=self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """FSDP clips by its own global norm over the shards (Lightning's generic norm clipping refuses FSDP)."""
-        model = self.trainer.strategy.model
-        if gradient_clip_val and hasattr(model, "clip_grad_norm_") and gradient_clip_algorithm in (None, "norm"):
-            model.clip_grad_norm_(gradient_clip_val)
-        else:
+        """FSDP clips by its own global norm over the shards (`vlm.parallel.clip_grad_norm`)."""
+        by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        if not (by_norm and clip_grad_norm(self.trainer.strategy.model, gradient_clip_val)):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def checkpoint_weights(self, state_dict: dict) -> dict:
@@ -148,28 +165,5 @@ class VLMLitModule(L.LightningModule):
         return {k: v for k, v in state_dict.items() if k in keep}
 
     def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
-        inner = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        inner = upgrade_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()})
         return self.model.load_trainable_state_dict(inner, strict=strict)
-
-
-def _all_ranks(obj) -> list:
-    """`obj` from every rank, in rank order ([obj] in one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-class SampleLog(L.Callback):
-    """Appends what each training step consumed (batch number, sample keys, stream indices) to a JSON-lines file:
-    which data a step saw, and the check that a resumed run neither skips nor repeats a sample."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def on_train_batch_end(self, trainer, module: VLMLitModule, outputs, batch: dict, batch_idx: int) -> None:
-        line = {"rank": trainer.global_rank, "batch": module.stream_position.batches - 1, "step": trainer.global_step,
-                "keys": batch["keys"], "stream_index": batch["stream_index"].tolist()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")

@@ -1,19 +1,38 @@
-"""Thin adapter over any transformers causal LM, plus the tokenizer that goes with it.
+"""The LM adapter: everything that depends on the kind of language model lives here, behind one interface, so that
+model.py never does: the input embeddings, a forward on embeddings with functions run before chosen decoder layers
+(the fusion's, bound to that call), the loss and the label count, position ids, the decode loop and its caches, and
+activation checkpointing.
 
-Nothing here matches model names: the decoder stack is found by shape (`find_layer_stack`), widths are
-read from the config, and the LM is always driven through `inputs_embeds`.
+`CausalLM` adapts any transformers `AutoModelForCausalLM`. An encoder-decoder adapter (T5 / FLAN-T5: prefix-LM loss,
+the soft prompt into the encoder) implements the same methods and is chosen by `build_language_model`.
+
+Nothing here matches model names: the decoder stack is found by shape (`find_layer_stack`), widths are read from the
+config, and the LM is always driven through `inputs_embeds`.
+
+Shapes: B samples, T text tokens, n new tokens, De LM embedding width, Dl LM hidden width, W vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from einops import rearrange
 from torch import nn
 
 from vlm.config import LMConfig
-from vlm.layers import enable_hf_checkpointing, find_layer_stack
-from vlm.vision import missing_weights
+from vlm.layers import find_layer_stack
+from vlm.pretrained import missing_weights
+from vlm.tokenizer import IGNORE_INDEX
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+LayerFns = dict[int, Callable[[torch.Tensor], torch.Tensor]]  # decoder layer index -> hidden (B, T, Dl) -> same
+# For one LM call of a decode: (tokens generated so far, whether the LM's KV cache holds the rest) -> layer functions
+LayersFor = Callable[[int, bool], LayerFns]
 
 
 def build_lm(cfg: LMConfig) -> nn.Module:
@@ -22,82 +41,197 @@ def build_lm(cfg: LMConfig) -> nn.Module:
     dtype = getattr(torch, cfg.dtype)
     if cfg.hf_config is not None:
         conf = AutoConfig.for_model(**cfg.hf_config)
-        model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
-    elif cfg.name:
+        return AutoModelForCausalLM.from_config(conf, dtype=dtype)
+    if cfg.name:
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
+            return AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
         except OSError as e:
             raise missing_weights("language model", cfg.name, "model.lm.name (a local folder)", e) from e
-    else:
-        raise ValueError("LMConfig needs `name` (hub id or local folder) or `hf_config`")
-    if cfg.gradient_checkpointing:
-        enable_hf_checkpointing(model)
-    return model
+    raise ValueError("LMConfig needs `name` (hub id or local folder) or `hf_config`")
 
 
-def build_tokenizer(cfg: LMConfig):
-    """The LM's own tokenizer (by `tokenizer` or `name`), or the built-in byte-level one for config-built LMs.
-    The image token is added as a special token either way; it never needs a row in the LM's embedding table
-    (the model replaces it before the lookup)."""
-    source = cfg.tokenizer or (cfg.name if cfg.hf_config is None else None)
-    if source is None:
-        tok = byte_tokenizer()
-    else:
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(source)
-        except OSError as e:
-            raise missing_weights("tokenizer", source, "model.lm.tokenizer (a local folder)", e) from e
-    tok.add_special_tokens({"additional_special_tokens": [cfg.image_token]})
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+def positions_from_mask(mask: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding: 0 at each sample's first real token."""
+    if mask is None:
+        return torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
+    return (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
 
 
-def byte_tokenizer():
-    """A download-free byte-level tokenizer: 256 byte tokens + <pad>, <s>, </s> (ids 256..258).
-    Any text round-trips; tiny LMs built from config use it with `vocab_size >= 260`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}  # token id == byte value
-    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    raw.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, **SPECIAL_TOKENS)
-    return tok
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (what the ByteLevel pre-tokenizer emits)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, W) logits -> (B,) token ids: argmax, or temperature + nucleus sampling."""
+    if not do_sample or temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, W)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, W)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest prefix reaching top_p (first always kept)
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)  # (B, W)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
-class LanguageModel(nn.Module):
-    """What the VLM needs from a causal LM: embeddings, the decoder stack, widths, a forward on embeddings."""
+def _with_hidden(fn: Callable[[torch.Tensor], torch.Tensor], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A decoder layer's call arguments with its hidden states (first positional, or `hidden_states=`) through `fn`."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+
+def _layer_forward(forward: Callable, before: Callable | None, checkpoint: bool, *args, **kwargs):
+    """One decoder layer: `before` (a fusion block) on its input, then the layer itself; under `checkpoint` both are
+    recomputed in backward (so are the cross-attention blocks), their activations never kept."""
+
+    def run(*args, **kwargs):
+        if before is not None:
+            args, kwargs = _with_hidden(before, args, kwargs)
+        return forward(*args, **kwargs)
+
+    if checkpoint:
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+    return run(*args, **kwargs)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM: next-token loss on shifted labels, positions from the attention mask (left padding), a
+    decode loop with the LM's own KV cache (transformers' `DynamicCache`)."""
+
+    kind = "causal"
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
+        self.cfg = cfg
         self.model = build_lm(cfg)
         conf = self.model.config.get_text_config()
         self.hidden_size = conf.hidden_size  # width inside the decoder layers (cross-attention works here)
         self.embed_dim = self.model.get_input_embeddings().embedding_dim  # width of inputs_embeds (prefix)
+        self.vocab_size = conf.vocab_size
         self.layers = find_layer_stack(self.model, conf.num_hidden_layers)
+        # transformers >= 5.x names the cache argument `cache` (`past_key_values` before, deprecated since)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)  # (B, T, De)
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False):
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, use_cache=use_cache, return_dict=True)
+    # -------------------------------------------------------------------------------------------------- calls
+    @contextlib.contextmanager
+    def _layers_bound(self, fns: LayerFns | None, checkpoint: bool):
+        """For the duration of one LM call: each decoder layer runs `fns[layer]` on its input first, and is
+        checkpointed as a whole with it. The wrappers are instance attributes removed after the call; the LM's
+        modules, hooks and state_dict keys are never touched otherwise."""
+        fns = fns or {}
+        wrapped = [i for i in range(len(self.layers)) if checkpoint or i in fns]
+        for i in wrapped:
+            layer = self.layers[i]
+            layer.forward = functools.partial(_layer_forward, type(layer).forward.__get__(layer), fns.get(i),
+                                              checkpoint)
+        try:
+            yield
+        finally:
+            for i in wrapped:
+                del self.layers[i].forward
+
+    def call(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+             fns: LayerFns | None = None, cache=None) -> torch.Tensor:
+        """One LM call on embeddings (B, T, De) -> logits (B, T, W). `cache`: the KV cache a decode goes on with.
+        Activation checkpointing (`cfg.gradient_checkpointing`) applies whenever gradients are recorded, in eval
+        mode too: a frozen LLM in eval mode still passes gradients into the cross-attention, and its activations
+        are what costs the memory."""
+        checkpoint = self.cfg.gradient_checkpointing and torch.is_grad_enabled() and cache is None
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
+        with self._layers_bound(fns, checkpoint):
+            out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=cache is not None, return_dict=True, **kwargs)
+        return out.logits
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                fns: LayerFns | None = None) -> torch.Tensor:
+        """Training / scoring: embeddings (B, T, De) -> logits (B, T, W), positions from the mask."""
+        return self.call(embeds, attention_mask, positions_from_mask(attention_mask, embeds), fns)
+
+    # --------------------------------------------------------------------------------------------------- loss
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | float | None = None
+             ) -> torch.Tensor:
+        """Next-token cross-entropy over supervised positions (labels != -100), in float32: their mean, or their sum
+        divided by `num_tokens` (a count over more than this batch, e.g. every rank of a data-parallel step)."""
+        logits = rearrange(logits[:, :-1], "b t w -> (b t) w").float()  # (B*(T-1), W)
+        targets = rearrange(labels[:, 1:], "b t -> (b t)")  # (B*(T-1),)
+        if num_tokens is None:
+            return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_tokens
+
+    @staticmethod
+    def num_label_tokens(labels: torch.Tensor) -> torch.Tensor:
+        """How many token losses `loss` sums for these labels (a 0-dim tensor): the targets after the shift."""
+        return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+    # ------------------------------------------------------------------------------------------------- decode
+    @torch.no_grad()
+    def generate(self, embeds: torch.Tensor, attention_mask: torch.Tensor, *, pick: Callable[[torch.Tensor],
+                 torch.Tensor], max_new_tokens: int, eos: torch.Tensor, pad: int, layers: LayersFor | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Decode after a left-padded prompt (B, T, De): `pick` turns the last logits (B, W) into tokens (B,);
+        `layers(new, cached)` gives each call's pre-layer functions. With `use_cache` the LM's KV cache keeps the
+        past and each step runs on the new token alone; without it every step reruns the whole sequence (the
+        reference). Returns the new tokens (B, n <= max_new_tokens), `pad` after a sample's EOS."""
+        fns = layers or (lambda new, cached: None)
+        mask = attention_mask
+        positions = positions_from_mask(mask, embeds)  # (B, T)
+        cache = self._new_cache() if use_cache else None
+        logits = self.call(embeds, mask, positions, fns(0, False), cache)  # (B, T, W)
+        done = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            nxt = pick(logits[:, -1].float())  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            new_tokens.append(nxt)
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()) or len(new_tokens) == max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+1)
+            step = self.embed(nxt[:, None])  # (B, 1, De)
+            if use_cache:
+                positions = positions[:, -1:] + 1  # (B, 1)
+                logits = self.call(step, mask, positions, fns(len(new_tokens), True), cache)  # (B, 1, W)
+            else:
+                embeds = torch.cat([embeds, step], dim=1)  # (B, T+n, De)
+                logits = self.call(embeds, mask, positions_from_mask(mask, embeds), fns(len(new_tokens), False))
+        if not new_tokens:
+            return torch.zeros(len(embeds), 0, dtype=torch.long, device=embeds.device)
+        return torch.stack(new_tokens, dim=1)  # (B, n)
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # transformers before the config argument
+            return DynamicCache()
+
+
+class LearnedTokens(nn.Module):
+    """Tokens the VLM adds to a frozen LM without touching its embedding table (Flamingo's `<image>` marker; the
+    table stays frozen and unresized): each has a learned embedding that replaces the table's lookup, initialised to
+    the mean of the LM's input embeddings. Parameter `<name>` per token."""
+
+    def __init__(self, lm: nn.Module, token_ids: dict[str, int]):
+        super().__init__()
+        self.token_ids = dict(token_ids)
+        if token_ids:
+            mean = lm.embed(torch.arange(min(min(token_ids.values()), lm.vocab_size - 1))).mean(0)  # (De,)
+            for name in token_ids:
+                self.register_parameter(name, nn.Parameter(mean.detach().clone()))
+
+    def forward(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """embeds (B, T, De) of `input_ids` (B, T), the learned tokens' rows replaced."""
+        for name, token_id in self.token_ids.items():
+            embeds = torch.where((input_ids == token_id)[..., None], getattr(self, name).to(embeds.dtype), embeds)
+        return embeds  # (B, T, De)
+
+
+def build_language_model(cfg: LMConfig) -> nn.Module:
+    """The adapter for the LM `cfg` describes: decoder-only today; an encoder-decoder adapter is chosen here by the
+    checkpoint's config (`is_encoder_decoder`) when it lands."""
+    return CausalLM(cfg)

@@ -1,7 +1,8 @@
 """Text with `<image>` markers + images -> model inputs; collate to the flat batch `VLM.forward` takes.
 
-Shared by the data pipeline, evaluation and the server, so placeholder counts always come from
-`vlm.tiling.visual_tokens`. Shapes: T tokens, V views, S view side, I images, B samples.
+Shared by the data pipeline, evaluation and the server, so placeholder counts always come from the fusion kind
+(`vlm.fusion`) and the token budget (`vlm.tiling.token_budget`). Shapes: T text tokens, V views, S view side, I images,
+B samples.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import torch
 from PIL import Image
 
 from vlm.config import VLMConfig
-from vlm.model import IGNORE_INDEX
-from vlm.tiling import tile_image, visual_tokens
+from vlm.fusion import fusion_class
+from vlm.tiling import ViewPositions, tile_image, token_budget
+from vlm.tokenizer import IGNORE_INDEX
 
 
 class Processor:
@@ -20,6 +22,8 @@ class Processor:
         self.tokenizer = tokenizer
         self.image_token = cfg.lm.image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.budget = token_budget(cfg)
+        self._placeholders = fusion_class(cfg.fusion.kind).placeholders
 
     def detail_for(self, requested: str) -> str:
         """The detail an image is tiled at: what the sample / request asks, unless an ablation forces one."""
@@ -27,7 +31,7 @@ class Processor:
 
     def placeholders(self, plan) -> int:
         """Tokens one image occupies in the text: all its visual tokens (prefix) or one marker (xattn)."""
-        return visual_tokens(plan, self.cfg) if self.cfg.fusion.kind == "prefix" else 1
+        return self._placeholders(self.budget.image(plan))
 
     def encode(self, text: str, images: list[Image.Image] = (), details: list[str] | None = None, *,
                add_bos: bool = True) -> dict:
@@ -68,7 +72,7 @@ class Processor:
             sample |= {
                 "pixel_values": torch.cat([t.pixels for t in tiled]),  # (V, 3, S, S) uint8
                 "pixel_mask": torch.cat([t.mask for t in tiled]),  # (V, S, S)
-                "view_positions": torch.cat([t.positions for t in tiled]),  # (V, 5)
+                "view_positions": ViewPositions.cat([t.positions for t in tiled]),  # V views
                 "views_per_image": torch.tensor([t.plan.num_views for t in tiled]),  # (I,)
             }
         return sample
@@ -95,6 +99,12 @@ def collate(samples: list[dict], *, pad_token_id: int, padding_side: str = "righ
     if labels is not None:
         batch["labels"] = labels
     if with_images:
-        for key in ("pixel_values", "pixel_mask", "view_positions", "views_per_image"):
+        for key in ("pixel_values", "pixel_mask", "views_per_image"):
             batch[key] = torch.cat([s[key] for s in with_images])
+        batch["view_positions"] = ViewPositions.cat([s["view_positions"] for s in with_images])
     return batch
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """A batch's tensors (and view positions) on `device`; everything else as it is."""
+    return {k: v.to(device) if torch.is_tensor(v) or isinstance(v, ViewPositions) else v for k, v in batch.items()}

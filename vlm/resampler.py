@@ -13,7 +13,7 @@ the class token, an extra learned query treated exactly like the others, and row
 output row 0 is the class token and L = cfg.num_tokens = num_queries + 1.
 
 Shapes: V views (the batch), P patches per view, L latents / queries (class token included), D working
-width, Dv media width, H heads, d head width, T = P + L keys of a Perceiver block.
+width, Dv media width, H heads, d head width; a Perceiver block's keys are the P patches and the L latents (P+L).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _media_key_mask(mask: Tensor | None, extra: int = 0) -> Tensor | None:
         mask = mask | ~mask.any(dim=-1, keepdim=True)  # (V, P): an all-padding view keeps every key
     else:
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], extra)], dim=-1)  # (V, P + extra)
-    return rearrange(mask, "v t -> v 1 1 t")  # (V, 1, 1, T)
+    return rearrange(mask, "v t -> v 1 1 t")  # (V, 1, 1, P+L)
 
 
 def _check_latents(latents: Tensor, dim: int) -> None:
@@ -128,8 +128,8 @@ class PerceiverLayer(nn.Module):
     def forward(self, media_hat: Tensor, latents: Tensor, key_mask: Tensor | None = None) -> Tensor:
         x = self.norm_latents(latents)
         q = split_heads(self.to_q(x), self.heads)  # (V, L, D) -> (V, H, L, d)
-        k = split_heads(self._media_and_latents(self.to_k, media_hat, x), self.heads)  # (V, H, T, d)
-        v = split_heads(self._media_and_latents(self.to_v, media_hat, x), self.heads)  # (V, H, T, d)
+        k = split_heads(self._media_and_latents(self.to_k, media_hat, x), self.heads)  # (V, H, P+L, d)
+        v = split_heads(self._media_and_latents(self.to_v, media_hat, x), self.heads)  # (V, H, P+L, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = attend(q, k, v, key_mask, dropout_p=self.dropout if self.training else 0.0)  # (V, H, L, d)
@@ -140,7 +140,7 @@ class PerceiverLayer(nn.Module):
         """proj(concat(norm_media(media), x)), norm_media's affine folded into proj for the media rows."""
         w, gamma, beta = proj.weight, self.norm_media.weight, self.norm_media.bias
         media = F.linear(media_hat, w * gamma, w @ beta)  # (V, P, D) -> (V, P, H*d)
-        return torch.cat([media, proj(x)], dim=1)  # (V, P, H*d) + (V, L, H*d) -> (V, T, H*d)
+        return torch.cat([media, proj(x)], dim=1)  # (V, P, H*d) + (V, L, H*d) -> (V, P+L, H*d)
 
 
 class PerceiverResampler(nn.Module):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vlm.model import VLM
+from vlm.tiling import token_budget
 
 RATES = ("samples", "tiles", "visual_tokens", "text_tokens")  # logged as <name>_per_s
 
@@ -21,11 +22,10 @@ RATES = ("samples", "tiles", "visual_tokens", "text_tokens")  # logged as <name>
 def batch_counts(batch: dict, model: VLM) -> Counter:
     """What one micro-batch holds: samples, views (global views + tiles), tiles, visual tokens, text tokens
     (real and padded: the LM runs on the padded ones)."""
-    is_tile = batch.get("view_positions", torch.zeros(0, 3, dtype=torch.long))[:, 0]  # (V,)
-    views, tiles = len(is_tile), int(is_tile.sum())
-    lg, lt = model.cfg.global_resampler.num_tokens, model.cfg.tile_resampler.num_tokens
-    return Counter(samples=len(batch["input_ids"]), views=views, tiles=tiles,
-                   visual_tokens=(views - tiles) * lg + tiles * lt,
+    positions = batch.get("view_positions")
+    is_tile = positions.is_tile.bool() if positions is not None else torch.zeros(0, dtype=torch.bool)  # (V,)
+    return Counter(samples=len(batch["input_ids"]), views=len(is_tile), tiles=int(is_tile.sum()),
+                   visual_tokens=int(token_budget(model.cfg).views(is_tile).sum()),
                    text_tokens=int(batch["attention_mask"].sum()), padded_text_tokens=batch["input_ids"].numel())
 
 
@@ -40,29 +40,30 @@ def matmul_params(module: nn.Module | None) -> int:
 
 
 def step_flops(model: VLM, counts: Counter) -> float:
-    """Analytic FLOPs of one training step, part by part: per token and matmul weight, 2 forward, 2 more for the
-    input gradient where backward passes through (everything after the vision tower), 2 more for the weight
-    gradient where the part is trained (the usual 6N per token). Attention's quadratic terms and the resamplers'
-    keys/values over the patches are left out; recomputation under gradient checkpointing does not count (MFU)."""
-    lg, lt = model.cfg.global_resampler.num_tokens, model.cfg.tile_resampler.num_tokens
+    """Analytic FLOPs of one training step, part by part in data-flow order: per token and matmul weight, 2 forward,
+    2 more for the input gradient where backward passes through the part (a trained part lies upstream of it), 2 more
+    for the weight gradient where the part is trained (the usual 6N per token). The vision tower's forward is counted
+    once per view by torch's FLOP counter (`VisionEncoder.flops_per_view`), times 3 when it trains. Attention's
+    quadratic terms and the resamplers' keys/values over the patches are left out; recomputation under gradient
+    checkpointing does not count (MFU)."""
+    budget, visual = token_budget(model.cfg), model.visual
     globals_, tiles = counts["views"] - counts["tiles"], counts["tiles"]
-    text = counts["padded_text_tokens"]
-    shared = model.tile_resampler is None  # one resampler body for both budgets
-    parts = [  # (module, tokens it runs on)
-        (model.vision, counts["views"] * model.vision.tokens_per_view),
-        (model.global_resampler, counts["visual_tokens"] if shared else globals_ * lg),
-        (model.tile_resampler, tiles * lt),
-        (model.projector, counts["visual_tokens"]),
-        (model.xattn, text),
-        (model.lm, text),
+    shared = visual.tile_resampler is None  # one resampler body for both budgets
+    trained = lambda part: any(p.requires_grad for p in part.parameters())
+    vision_trained = trained(model.vision)
+    flops = model.vision.flops_per_view() * counts["views"] * (3 if vision_trained else 1)
+    stages = [  # the parts of one stage and the tokens each runs on, in data-flow order
+        [(visual.global_resampler, counts["visual_tokens"] if shared else globals_ * budget.global_view),
+         (visual.tile_resampler, tiles * budget.tile), (visual.view_embedding, 0)],
+        [(model.fusion, model.fusion.matmul_tokens(counts)), (model.learned_tokens, 0)],
+        [(model.lm, counts["padded_text_tokens"])],
     ]
-    flops = 0.0
-    for part, tokens in parts:
-        if part is None:
-            continue
-        trained = any(p.requires_grad for p in part.parameters())
-        per_weight = 6 if trained else 2 if part is model.vision else 4
-        flops += per_weight * matmul_params(part) * tokens
+    upstream = vision_trained  # whether backward has to pass through the next stage
+    for stage in stages:
+        parts = [(part, tokens) for part, tokens in stage if part is not None]
+        for part, tokens in parts:
+            flops += (6 if trained(part) else 4 if upstream else 2) * matmul_params(part) * tokens
+        upstream = upstream or any(trained(part) for part, _ in parts)
     return flops
 
 

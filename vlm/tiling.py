@@ -7,17 +7,21 @@ The published `detail` rule (defaults in `TilingConfig`):
         512 px, zero-padding the right column / bottom row (masked out), plus the global view.
         API cost 85 + 170 * tiles.
   auto: `cfg.auto_detail`.
-The model's own count is `visual_tokens`: global_resampler.num_tokens + tiles * tile_resampler.num_tokens.
+The model's own count is `token_budget(cfg)`: global_resampler.num_tokens per global view, tile_resampler.num_tokens
+per tile; every module that counts visual tokens (processor, model, throughput, the server's usage) asks it.
 
-Shapes: V views (1 global + T tiles), T = rows * cols tiles (row-major), C = 3 channels, S = tile_size,
-H x W the resized image, gh x gw a feature grid.
+Where a view sits is a `ViewPositions` (named fields, one row per view); every consumer reads it by name.
+
+Shapes (the vocabulary of every model file, see the README's architecture section): V views (1 global view + rows x
+cols tiles, row-major), C = 3 channels, S = tile_size, h x w the resized image, gh x gw a feature grid.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -97,13 +101,80 @@ def api_tokens(width: int, height: int, detail: str = "high", cfg: TilingConfig 
     return API_BASE_TOKENS + API_TILE_TOKENS * plan_tiles(width, height, detail, cfg).num_tiles
 
 
-def visual_tokens(plan: TilePlan, cfg: VLMConfig | None = None) -> int:
-    """The model's visual tokens for one image: the global view's budget plus each tile's."""
+@dataclass(frozen=True)
+class TokenBudget:
+    """Visual tokens per view: the one place the model's token count comes from (65 / 129 by default)."""
+
+    global_view: int  # tokens of a global view (the whole of detail="low")
+    tile: int  # tokens of each high-res tile
+
+    def image(self, plan: TilePlan) -> int:
+        """The visual tokens of one image: its global view plus its tiles."""
+        return self.global_view + plan.num_tiles * self.tile
+
+    def views(self, is_tile: torch.Tensor) -> torch.Tensor:
+        """(V,) bool -> (V,) tokens of each view."""
+        return torch.where(is_tile, self.tile, self.global_view)  # (V,)
+
+
+def token_budget(cfg: VLMConfig | None = None) -> TokenBudget:
+    """The budget a model config gives its views: each resampler's queries plus its class token."""
     cfg = cfg or VLMConfig()
-    return cfg.global_resampler.num_tokens + plan.num_tiles * cfg.tile_resampler.num_tokens
+    return TokenBudget(cfg.global_resampler.num_tokens, cfg.tile_resampler.num_tokens)
 
 
-GLOBAL_POSITION = torch.tensor([0, 0, 0, 1, 1])  # (5,): the global view is not a tile
+def visual_tokens(plan: TilePlan, cfg: VLMConfig | None = None) -> int:
+    """The model's visual tokens for one image (`token_budget(cfg).image(plan)`)."""
+    return token_budget(cfg).image(plan)
+
+
+@dataclass
+class ViewPositions:
+    """Where each of V views sits, one (V,) long tensor per field. The global view is (is_tile 0, row 0, col 0,
+    rows 1, cols 1); a tile knows its row and column and the grid's size. `frame`: the index of the video frame the
+    view belongs to (0 for still images)."""
+
+    is_tile: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    frame: torch.Tensor
+
+    @classmethod
+    def global_view(cls) -> ViewPositions:
+        return cls(*torch.tensor([[0], [0], [0], [1], [1], [0]]))  # V = 1
+
+    @classmethod
+    def grid(cls, rows: int, cols: int) -> ViewPositions:
+        """The rows x cols tiles of one image, row-major."""
+        row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")  # (rows, cols) each
+        row, col = row.flatten(), col.flatten()  # (V,) each
+        return cls(torch.ones_like(row), row, col, torch.full_like(row, rows), torch.full_like(row, cols),
+                   torch.zeros_like(row))
+
+    @classmethod
+    def cat(cls, parts: Sequence[ViewPositions]) -> ViewPositions:
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def _apply(self, fn) -> ViewPositions:
+        return type(self)(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+    def __getitem__(self, index) -> ViewPositions:
+        return self._apply(lambda t: t[index])
+
+    def __len__(self) -> int:
+        return len(self.is_tile)
+
+    def to(self, *args, **kwargs) -> ViewPositions:
+        return self._apply(lambda t: t.to(*args, **kwargs))
+
+    def pin_memory(self) -> ViewPositions:  # DataLoader(pin_memory=True) calls it
+        return self._apply(torch.Tensor.pin_memory)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ViewPositions) and all(
+            torch.equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
 
 
 @dataclass
@@ -112,19 +183,19 @@ class TiledImage:
 
     pixels: torch.Tensor  # uint8 (V, C, S, S)
     mask: torch.Tensor  # bool (V, S, S), True on real pixels
-    positions: torch.Tensor  # long (V, 5): (is_tile, row, col, rows, cols), (0, 0, 0, 1, 1) for the global view
+    positions: ViewPositions  # V views
     plan: TilePlan
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """(C, H, W) uint8 pixels, laid out channels-last (what the fast resize kernel wants)."""
-    return rearrange(torch.from_numpy(np.array(image, dtype=np.uint8)), "h w c -> c h w")  # (C, H, W)
+    """(C, h, w) uint8 pixels, laid out channels-last (what the fast resize kernel wants)."""
+    return rearrange(torch.from_numpy(np.array(image, dtype=np.uint8)), "h w c -> c h w")  # (C, h, w)
 
 
 def resize(image: Image.Image | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The one resize every view goes through: antialiased bicubic to (w, h) -> uint8 (C, h, w).
     torch's uint8 channels-last kernel matches PIL's BICUBIC to within rounding and is ~7x faster here."""
-    x = _to_tensor(image) if isinstance(image, Image.Image) else image  # (C, H, W)
+    x = _to_tensor(image) if isinstance(image, Image.Image) else image  # (C, h, w)
     if tuple(x.shape[-2:]) == (size[1], size[0]):
         return x
     return F.interpolate(x[None], size=(size[1], size[0]), mode="bicubic", antialias=True)[0]  # (C, h, w)
@@ -138,7 +209,7 @@ def _pad(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _global_view(image: torch.Tensor, cfg: TilingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole image (C, H, W) as one S x S view: stretched, or fitted (may enlarge) top-left and zero-padded."""
+    """The whole image (C, h, w) as one S x S view: stretched, or fitted (may enlarge) top-left and zero-padded."""
     s = cfg.tile_size
     if cfg.global_resize == "stretch":
         return resize(image, (s, s)), torch.ones(s, s, dtype=torch.bool)  # (C, S, S), (S, S)
@@ -161,21 +232,18 @@ def tile_image(image: Image.Image, detail: str = "high", cfg: TilingConfig | Non
     plan = plan or plan_tiles(image.width, image.height, detail, cfg)
     if plan.detail == "low":
         view, view_mask = _global_view(_to_tensor(image), cfg)
-        return TiledImage(view[None], view_mask[None], GLOBAL_POSITION[None], plan)  # V = 1
+        return TiledImage(view[None], view_mask[None], ViewPositions.global_view(), plan)  # V = 1
 
     s, (cols, rows) = cfg.tile_size, plan.grid
-    resized = resize(image, plan.resized)  # (C, H, W)
+    resized = resize(image, plan.resized)  # (C, h, w)
     x = _pad(resized, rows * s, cols * s)  # (C, rows*S, cols*S)
-    valid = torch.ones(resized.shape[1:], dtype=torch.bool)  # (H, W)
+    valid = torch.ones(resized.shape[1:], dtype=torch.bool)  # (h, w)
     valid = _pad(valid, rows * s, cols * s)  # (rows*S, cols*S)
-    tiles = rearrange(x, "c (r s1) (q s2) -> (r q) c s1 s2", s1=s, s2=s)  # (T, C, S, S)
-    tile_mask = rearrange(valid, "(r s1) (q s2) -> (r q) s1 s2", s1=s, s2=s)  # (T, S, S)
+    tiles = rearrange(x, "c (r s1) (q s2) -> (r q) c s1 s2", s1=s, s2=s)  # (V-1, C, S, S)
+    tile_mask = rearrange(valid, "(r s1) (q s2) -> (r q) s1 s2", s1=s, s2=s)  # (V-1, S, S)
     view, view_mask = _global_view(resized, cfg)  # (C, S, S), (S, S)
 
-    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")  # (rows, cols) each
-    grid = [torch.ones_like(row), row, col, torch.full_like(row, rows), torch.full_like(row, cols)]
-    tile_pos = rearrange(torch.stack(grid), "k r q -> (r q) k")  # (T, 5)
-    positions = torch.cat([GLOBAL_POSITION[None], tile_pos])  # (V, 5)
+    positions = ViewPositions.cat([ViewPositions.global_view(), ViewPositions.grid(rows, cols)])  # V views
     pixels = torch.cat([view[None], tiles])  # (V, C, S, S)
     mask = torch.cat([view_mask[None], tile_mask])  # (V, S, S)
     return TiledImage(pixels, mask, positions, plan)
@@ -192,7 +260,7 @@ def draft_size(plan: TilePlan, cfg: TilingConfig | None = None) -> tuple[int, in
 
 
 def untile(tiled: TiledImage) -> torch.Tensor:
-    """Reassemble the tiles into the resized image, uint8 (C, H, W): the inverse of `tile_image`'s cut,
+    """Reassemble the tiles into the resized image, uint8 (C, h, w): the inverse of `tile_image`'s cut,
     cropped to the extent of the masks (which must be one top-left rectangle)."""
     cols, rows = tiled.plan.grid
     if tiled.plan.num_tiles == 0:
@@ -202,7 +270,7 @@ def untile(tiled: TiledImage) -> torch.Tensor:
     h, w = int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())
     if not (valid[:h, :w].all() and int(valid.sum()) == h * w):
         raise ValueError("tile masks do not form one top-left rectangle")
-    return x[:, :h, :w]  # (C, H, W)
+    return x[:, :h, :w]  # (C, h, w)
 
 
 def patch_mask(mask: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:

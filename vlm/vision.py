@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from functools import partial
 
 import torch
@@ -25,26 +24,12 @@ from torch import nn
 
 from vlm.config import VisionConfig
 from vlm.layers import checkpoint_blocks, enable_hf_checkpointing, find_layer_stack
+from vlm.pretrained import missing_weights
 from vlm.tiling import patch_mask
 
 # Normalisation used when neither the config nor the backbone says otherwise.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
-
-
-class MissingWeightsError(RuntimeError):
-    pass
-
-
-def missing_weights(what: str, name: str, key: str, err: Exception) -> MissingWeightsError:
-    """A clear offline message: which weights, why, and the two ways to provide them."""
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    return MissingWeightsError(
-        f"{what} weights for {name!r} are not available{' offline (HF_HUB_OFFLINE=1)' if offline else ''}: "
-        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
-        f"Either download them once on a connected machine (`huggingface-cli download {name}`) so they sit in "
-        f"the Hugging Face cache, or point `{key}` at a local copy of the weights."
-    )
 
 
 class VisionEncoder(nn.Module):
@@ -77,6 +62,20 @@ class VisionEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing()
+        self._flops_per_view: int | None = None  # counted on first use (throughput's FLOPs)
+
+    def flops_per_view(self) -> int:
+        """Forward FLOPs of one view at the encoder's size, counted once by torch's FLOP counter (convnets do most of
+        their work at resolutions above the final grid, so params x tokens misses it)."""
+        if self._flops_per_view is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            param = next(self.backbone.parameters())
+            x = torch.zeros(1, 3, self.cfg.image_size, self.cfg.image_size, device=param.device)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                self(x)
+            self._flops_per_view = counter.get_total_flops()
+        return self._flops_per_view
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each block's activations in backward instead of keeping them. Only a trained tower saves

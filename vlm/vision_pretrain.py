@@ -16,7 +16,7 @@ corpus' answers as labels because they are the only text there is, and we freeze
 on by the LM's loss at the tiny default's learning rate, they lost the words: README). Labels come from the training
 chats only (never val/test), and need a corpus built with `clear_text_tiles` (each corner word alone in its tile).
 
-Shapes: N examples, S view side, C classes, D resampler width.
+Shapes: E examples (corner tiles or images), S view side, A answer classes, D resampler width.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import hashlib
 import json
 import logging
 import random
-import tarfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import partial
 from multiprocessing.pool import ThreadPool
@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.checkpoint import upgrade_state_dict
 from vlm.config import TilingConfig
 from vlm.data.format import image_refs
+from vlm.data.pipeline import read_tar
 from vlm.data.synthetic import COLOURS, POSITIONS, QUESTIONS, SHAPES, read_manifest
 from vlm.images import load_image
 from vlm.tiling import tile_image
@@ -45,7 +47,7 @@ from vlm.tiling import tile_image
 log = logging.getLogger(__name__)
 
 VERSION = 2  # of the stage-0 recipe: part of the cache key, bump it when the objective or preprocessing changes
-PREFIXES = ("vision.", "global_resampler.", "tile_resampler.", "tile_queries")  # what stage 0 trains
+PREFIXES = ("vision.", "visual.global_resampler.", "visual.tile_resampler.", "visual.tile_queries")  # what it trains
 
 
 @dataclass
@@ -72,29 +74,27 @@ def _read_shard(path: str, limit: int, vocab: tuple[str, ...], tiling: TilingCon
     the encoder's size (`VisionEncoder.resize_views`, which the encoder then skips: the same pixels, 1/4 the memory
     for a 256 px encoder)."""
     out = []
-    with tarfile.open(path) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        for key in sorted({name.split(".")[0] for name in members}):
-            if len(out) >= limit:
-                break
-            record = json.loads(tar.extractfile(members[key + ".json"]).read())
-            answers = {t["question"]: t["answer"] for t in record["meta"].get("turns", [record["meta"]])}
-            asked = {pos: answers.get(QUESTIONS["text"].format(position=pos)) for pos in POSITIONS}
-            colour, shape = answers.get(QUESTIONS["colour"]), answers.get(QUESTIONS["shape"])
-            if None in asked.values() or colour is None or shape is None:
-                raise ValueError(f"{path}:{key}: stage 0 needs every corner, colour and shape question in the chat "
-                                 f"(a corpus with train_questions=7)")
-            ((ref, _),) = image_refs(record)  # the corpus' one image per chat, named as the pipeline names it
-            image = load_image(tar.extractfile(members[f"{key}.{ref}"]).read())
-            tiled = tile_image(image, "high", tiling)
-            views = corner_views(tiled.plan.grid)
-            idx = torch.tensor([0] + [views[pos] for pos in POSITIONS])  # (5,) the global view, then the corners
-            pixels, mask = tiled.pixels[idx], tiled.mask[idx]  # (5, 3, S, S), (5, S, S)
-            if shrink is not None:
-                pixels, mask = shrink(pixels, mask)  # (5, 3, S', S'), (5, S', S')
-            words = torch.tensor([vocab.index(asked[pos]) for pos in POSITIONS])  # (4,)
-            out.append((pixels[1:].clone(), mask[1:].clone(), words, pixels[0].clone(), mask[0].clone(),
-                        list(COLOURS).index(colour), SHAPES.index(shape)))
+    for sample in read_tar(path, Counter()):  # webdataset's tar iterators, as the training pipeline reads shards
+        if len(out) >= limit:
+            break
+        key = sample["__key__"]
+        record = json.loads(sample["json"])
+        answers = {t["question"]: t["answer"] for t in record["meta"].get("turns", [record["meta"]])}
+        asked = {pos: answers.get(QUESTIONS["text"].format(position=pos)) for pos in POSITIONS}
+        colour, shape = answers.get(QUESTIONS["colour"]), answers.get(QUESTIONS["shape"])
+        if None in asked.values() or colour is None or shape is None:
+            raise ValueError(f"{path}:{key}: stage 0 needs every corner, colour and shape question in the chat "
+                             f"(a corpus with train_questions=7)")
+        ((ref, _),) = image_refs(record)  # the corpus' one image per chat, named as the pipeline names it
+        tiled = tile_image(load_image(sample[ref]), "high", tiling)
+        views = corner_views(tiled.plan.grid)
+        idx = torch.tensor([0] + [views[pos] for pos in POSITIONS])  # (5,) the global view, then the corners
+        pixels, mask = tiled.pixels[idx], tiled.mask[idx]  # (5, 3, S, S), (5, S, S)
+        if shrink is not None:
+            pixels, mask = shrink(pixels, mask)  # (5, 3, S', S'), (5, S', S')
+        words = torch.tensor([vocab.index(asked[pos]) for pos in POSITIONS])  # (4,)
+        out.append((pixels[1:].clone(), mask[1:].clone(), words, pixels[0].clone(), mask[0].clone(),
+                    list(COLOURS).index(colour), SHAPES.index(shape)))
     return out
 
 
@@ -114,7 +114,7 @@ def read_examples(root: str | Path, images: int, tiling: TilingConfig, workers: 
     rows = [r for part in parts for r in part][:images]
     names = ("tiles", "tile_masks", "words", "globals", "global_masks", "colours", "shapes")
     cat = lambda i: torch.cat([r[i] for r in rows]) if i < 3 else torch.stack([torch.as_tensor(r[i]) for r in rows])
-    return {name: cat(i) for i, name in enumerate(names)}  # tiles (4N, 3, S, S), globals (N, 3, S, S), ...
+    return {name: cat(i) for i, name in enumerate(names)}  # tiles (4E, 3, S, S), globals (E, 3, S, S), ...
 
 
 class Heads(nn.Module):
@@ -130,12 +130,9 @@ def _logits(model, heads: Heads, tiles, tile_masks, globals_, global_masks):
     which is what trains the encoder to read); colour and shape from the mean of the global view's tokens."""
     n = len(tiles)
     feats, pmask = model.vision(torch.cat([tiles, globals_]), torch.cat([tile_masks, global_masks]))  # (V, P, Dv)
-    if model.tile_resampler is not None:
-        t = model.tile_resampler(feats[:n], pmask[:n])  # (n, 129, D)
-    else:
-        t = model.global_resampler(feats[:n], pmask[:n], latents=model.tile_queries)  # (n, 129, D)
-    z = model.global_resampler(feats[n:], pmask[n:]).mean(1)  # (m, 65, D) -> (m, D)
-    return heads.word(t.mean(1)), heads.word_cls(t[:, 0]), heads.colour(z), heads.shape(z)  # (n, C) x 2, (m, 5), (m, 3)
+    t = model.visual.resample(feats[:n], pmask[:n], tiles=True)  # (n, 129, D)
+    z = model.visual.resample(feats[n:], pmask[n:], tiles=False).mean(1)  # (m, 65, D) -> (m, D)
+    return heads.word(t.mean(1)), heads.word_cls(t[:, 0]), heads.colour(z), heads.shape(z)  # (n, A) x 2, (m, 5), (m, 3)
 
 
 def pretrain_vision(model, examples: dict[str, torch.Tensor], cfg: VisionPretrainConfig, seed: int = 0) -> dict:
@@ -146,9 +143,11 @@ def pretrain_vision(model, examples: dict[str, torch.Tensor], cfg: VisionPretrai
     if n_img < 2:
         raise ValueError(f"stage 0 needs at least 2 images, got {n_img}")
     h = min(cfg.held_out, n_img // 4) or 1  # a small corpus keeps 3/4 of its images for training
-    heads = Heads(model.global_resampler.out_dim, int(examples["words"].max()) + 1)
-    parts = [model.vision, model.global_resampler, heads] + ([model.tile_resampler] if model.tile_resampler else [])
-    params = [p for m in parts for p in m.parameters()] + ([model.tile_queries] if model.tile_resampler is None else [])
+    visual = model.visual
+    heads = Heads(visual.out_dim, int(examples["words"].max()) + 1)
+    shared = visual.tile_resampler is None  # one body: the tile budget's own queries train with it
+    parts = [model.vision, visual.global_resampler, heads] + ([] if shared else [visual.tile_resampler])
+    params = [p for m in parts for p in m.parameters()] + ([visual.tile_queries] if shared else [])
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -215,8 +214,9 @@ def ensure_pretrained_vision(model, root: str | Path, cfg: VisionPretrainConfig,
         torch.save(blob, tmp)
         tmp.replace(path)
         log.info("vision pretraining: %s -> %s", metrics, path)
-    missing = set(stage_state(model)) - set(blob["state"])
+    state = upgrade_state_dict(blob["state"])  # caches written before the `visual.` names
+    missing = set(stage_state(model)) - set(state)
     if missing:
         raise KeyError(f"{path} lacks {sorted(missing)[:4]}")
-    model.load_state_dict(blob["state"], strict=False)
+    model.load_state_dict(state, strict=False)
     return blob["metrics"]

@@ -30,22 +30,24 @@ Two ways to split the data between ranks and workers (`split`):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from vlm.data.format import image_refs
-from vlm.data.prompts import chat_pieces, document_pieces
-from vlm.images import ImageError, load_image
+from vlm.images import UNSUPPORTED, ImageError, load_image
+from vlm.parallel import rank_world
 from vlm.processor import Processor, collate
+from vlm.prompts import chat_pieces, document_pieces
 from vlm.tiling import draft_size, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -174,7 +176,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _mine(self, worker: int, per_rank: int) -> Iterator[tuple[int, dict]]:
         """(index in the stream it was drawn from, raw sample) for this rank's `worker` (module docstring)."""
-        rank, world = _dist_info(self.rank, self.world_size)
+        rank, world = rank_world(self.rank, self.world_size)
         if self.split == "shard":
             return enumerate(self.raw(rank * per_rank + worker, world * per_rank))
         batch = world * self.batch_size  # one global batch
@@ -230,7 +232,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if len(plans) < len(images):  # not a JPEG: decoded in full, planned from its own size
                     plans.append(None)
             except ImageError as e:
-                reason = "unsupported_format" if "unsupported" in str(e) else "bad_image"
+                reason = "unsupported_format" if e.reason == UNSUPPORTED else "bad_image"
                 raise SampleError(reason, f"sample {key} image {ref}: {e}") from e
             details.append(detail)
         tok, marker = self.processor.tokenizer, self.processor.image_token
@@ -263,6 +265,20 @@ def collate_stream(samples: list[dict], *, pad_token_id: int, padding_side: str 
     return batch
 
 
+def train_loader(data: Mapping, processor: Processor, *, seed: int, position: StreamPosition | None = None
+                 ) -> torch.utils.data.DataLoader:
+    """The endless training stream a data config describes (`configs/data/*.yaml`): `train` (shards: a folder, glob,
+    brace pattern or list), `batch_size`, `num_workers`, `shuffle_buffer`, `max_length`, `split`; batched in the
+    DataLoader's workers. `position`: continue at the exact next sample of a resumed run."""
+    stream = ShardStream(data["train"], processor, seed=seed, epochs=None, shuffle_buffer=data["shuffle_buffer"],
+                         max_length=data["max_length"], split=data["split"], batch_size=data["batch_size"],
+                         position=position)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=data["batch_size"], num_workers=data["num_workers"],
+        collate_fn=functools.partial(collate_stream, pad_token_id=processor.tokenizer.pad_token_id),
+        persistent_workers=data["num_workers"] > 0)
+
+
 class SkipCounter:
     """Main-process view of the bad samples skipped, summed over workers (each reports cumulative counts)."""
 
@@ -278,19 +294,3 @@ class SkipCounter:
         for counts in self.per_worker.values():
             out.update(counts)
         return dict(out)
-
-
-def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    import os
-
-    if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world size {world_size}")
-    return rank, world_size
-

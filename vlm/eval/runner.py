@@ -5,7 +5,8 @@
     metrics.json        overall and per question_type / answer_type (score in %, n), the task, the metric
     submission.json     with task.submission == "vqa": the official results file [{"question_id", "answer"}]
 
-`evaluate_config` is the whole of `python eval.py` once a config is composed (also train.py's eval_after).
+`evaluate_config` is the whole of `python eval.py` once a config is composed and the task's data is there (also
+train.py's eval_after); entry points build the synthetic corpus first where a task asks for it.
 
 Images are decoded, tiled and tokenised in DataLoader workers while the model generates. Under torch.distributed
 each rank takes every world_size-th question; rank 0 gathers the predictions and writes the files.
@@ -21,15 +22,14 @@ from pathlib import Path
 
 import torch
 from hydra.utils import to_absolute_path
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from vlm.data.prompts import generation_prompt
-from vlm.data.synthetic import ensure_corpus
 from vlm.eval.metrics import score
 from vlm.eval.tasks import Question, Task
 from vlm.images import load_image
-from vlm.processor import Processor, collate
+from vlm.parallel import all_gather_objects, rank_world
+from vlm.processor import Processor, collate, to_device
+from vlm.prompts import generation_prompt
 
 
 def build_messages(question: Question, task: Task) -> list[dict]:
@@ -68,12 +68,6 @@ def _collate(samples: list[dict], pad_token_id: int) -> dict:
     batch = collate(samples, pad_token_id=pad_token_id, padding_side="left")
     batch["index"] = [s["index"] for s in samples]
     return batch
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _as_list(value) -> list[str]:
@@ -119,7 +113,7 @@ def evaluate(model, processor: Processor, questions: list[Question], *, task: Ta
     metrics.json (+ `info`, e.g. the checkpoint) and the submission file if the task asks for one. Returns the
     metrics (every rank gets them). max_new_tokens: task.max_new_tokens unless given."""
     questions = list(questions)[:limit] if limit else list(questions)
-    rank, world = _dist()
+    rank, world = rank_world(env=False)  # the process group's, if any: gathering needs one
     indices = list(range(rank, len(questions), world))
     pad = processor.tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(
@@ -135,7 +129,7 @@ def evaluate(model, processor: Processor, questions: list[Question], *, task: Ta
     try:
         for batch in loader:
             index = batch.pop("index")
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             new = model.generate(batch, max_new_tokens=new_tokens)  # (B, N)
             for i, ids in zip(index, new.tolist()):
                 predictions[i] = processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -144,9 +138,7 @@ def evaluate(model, processor: Processor, questions: list[Question], *, task: Ta
         bar.close()
         model.train(was_training)
     if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, predictions)
-        predictions = {i: p for part in gathered for i, p in part.items()}
+        predictions = {i: p for part in all_gather_objects(predictions) for i, p in part.items()}
 
     rows = []
     for i, q in enumerate(questions):
@@ -169,17 +161,13 @@ def evaluate(model, processor: Processor, questions: list[Question], *, task: Ta
     return metrics
 
 
-
 def evaluate_config(cfg, load_model: Callable[[], torch.nn.Module], out_dir: str | Path,
                     info: dict | None = None) -> dict:
     """`python eval.py` (and train.py's eval_after) for an eval config node with the keys of configs/eval.yaml:
-    task (a configs/eval/<task>.yaml), data_root, data.corpus (built there first when task.build_corpus),
-    batch_size, limit, num_workers, max_new_tokens. The questions are read before load_model() is called, so a
-    wrong folder fails before a model is loaded."""
+    task (a configs/eval/<task>.yaml), data_root, batch_size, limit, num_workers, max_new_tokens. The questions are
+    read before load_model() is called, so a wrong folder fails before a model is loaded."""
     task = Task.from_config(cfg.task)
     root = Path(to_absolute_path(cfg.data_root))
-    if task.build_corpus:
-        ensure_corpus(root, **OmegaConf.to_container(cfg.data.corpus, resolve=True))
     questions = task.read(root)
     print(f"task: {task.name} ({len(questions)} questions under {root})")
     model = load_model()

@@ -1,34 +1,32 @@
 """Evaluation tasks: readers for the benchmarks' official files, and the `Task` a `configs/eval/<task>.yaml` describes.
 
 Every reader returns a list of `Question`s in file order, with the image as a path (nothing is decoded here) and
-every reference answer as a string. Readers check that the images exist up front, so a wrong folder fails before a
-model is loaded, naming the first missing files.
+every reference answer as a string. The files are parsed by `vlm.data.official` (the converters read them there
+too); a malformed entry stops the reader, naming it. Readers check that the images exist up front, so a wrong folder
+fails before a model is loaded, naming the first missing files.
 
-    reader           official files                                                  images
-    read_vqav2       questions JSON (+ annotations JSON; none for test / test-dev)   COCO_{subtype}_{image_id:012d}.jpg
-                     (VQAv2, OK-VQA, and the synthetic corpus with image_name="{image_id:012d}.jpg")
-    read_textvqa     TextVQA_0.5.1_{split}.json: data[] {question_id, question, image_id, answers}   {image_id}.jpg
-    read_vizwiz      {split}.json: [{image, question, answers: [{answer, answer_confidence}], answer_type}]
-    read_docvqa      {split}_v1.0.json: data[] {questionId, question, image, answers, question_types}
-                     (image paths relative to the JSON's folder)
-    read_chartqa     {root}/{split}/{split}_{human,augmented}.json: [{imgname, query, label}]  {root}/{split}/png/
+    reader           images
+    read_vqav2       COCO_{subtype}_{image_id:012d}.jpg (VQAv2, OK-VQA, and the synthetic corpus with
+                     image_name="{image_id:012d}.jpg")
+    read_textvqa     {image_id}.jpg
+    read_vizwiz      {image}
+    read_docvqa      the "image" paths, relative to the JSON's folder
+    read_chartqa     {root}/{split}/png/{imgname}
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlm.data import official
 from vlm.eval.metrics import METRICS
 from vlm.tiling import DETAILS
 
 DEFAULT_PROMPT = "{question}\nAnswer the question using a single word or phrase."
-COCO_IMAGE_NAME = "COCO_{subtype}_{image_id:012d}.jpg"
 TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 SUBMISSIONS = ("vqa",)
 
@@ -51,11 +49,6 @@ class Question:
     extra: dict = field(default_factory=dict)
 
 
-def _load_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _check_images(questions: list[Question], source: str | Path) -> list[Question]:
     missing = sorted({str(q.image) for q in questions
                       if not isinstance(q.image, bytes) and not Path(q.image).is_file()})
@@ -64,53 +57,27 @@ def _check_images(questions: list[Question], source: str | Path) -> list[Questio
     return questions
 
 
-def _answer_strings(answers: Any, where: str) -> list[str]:
-    if answers is None:
-        return []
-    if not isinstance(answers, list):
-        raise ValueError(f"{where}: 'answers' is not a list")
-    return [str(a["answer"] if isinstance(a, dict) else a) for a in answers]
+def _answers(entry: official.Entry) -> list[str]:
+    return [str(a) for a in entry.answers or []]
 
 
-def _image_subtype(subtype: str) -> str:
-    """VQAv2's test-dev questions ("data_subtype": "test-dev2015") are about the test2015 images."""
-    return re.sub(r"^test-dev", "test", subtype)
+def _questions(entries: list[official.Entry], image_dir: Path, extra: Callable[[official.Entry], dict]
+               ) -> list[Question]:
+    out = [Question(e.question_id, e.question, image_dir / e.image, _answers(e), e.question_type, e.answer_type,
+                    extra(e)) for e in entries]
+    return _check_images(out, image_dir)
 
 
 # ------------------------------------------------------------------------------------------------------ readers
 
 
 def read_vqav2(questions_json: str | Path, annotations_json: str | Path | None, image_dir: str | Path,
-               subtype: str | None = None, *, image_name: str = COCO_IMAGE_NAME) -> list[Question]:
+               subtype: str | None = None, *, image_name: str = official.COCO_IMAGE_NAME) -> list[Question]:
     """VQAv2 / OK-VQA (the same schema). subtype: the questions file's "data_subtype" unless given ("test-dev2015"
     reads test2015 images). image_name: a format string over {subtype, image_id}; the synthetic corpus uses
     "{image_id:012d}.jpg". Without annotations the questions have no answers (test / test-dev)."""
-    qdata = _load_json(questions_json)
-    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
-        raise ValueError(f"{questions_json}: not a VQA questions file (no 'questions' list)")
-    subtype = subtype or qdata.get("data_subtype") or ""
-    if not subtype and "{subtype" in image_name:
-        raise ValueError(f"{questions_json} has no 'data_subtype': give the image subtype (e.g. val2014)")
-    by_qid = None
-    if annotations_json is not None:
-        adata = _load_json(annotations_json)
-        if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
-            raise ValueError(f"{annotations_json}: not a VQA annotations file (no 'annotations' list)")
-        by_qid = {a["question_id"]: a for a in adata["annotations"]}
-    image_dir, image_subtype = Path(image_dir), _image_subtype(subtype)
-    out = []
-    for q in qdata["questions"]:
-        qid, image_id = q["question_id"], q["image_id"]
-        question = Question(qid, q["question"], image_dir / image_name.format(subtype=image_subtype, image_id=image_id),
-                            extra={"image_id": image_id})
-        if by_qid is not None:
-            ann = by_qid.get(qid)
-            if ann is None:
-                raise KeyError(f"{annotations_json}: no annotation for question_id {qid}")
-            question.answers = _answer_strings(ann["answers"], f"question_id {qid}")
-            question.question_type, question.answer_type = ann.get("question_type"), ann.get("answer_type")
-        out.append(question)
-    return _check_images(out, image_dir)
+    entries = official.vqa(questions_json, annotations_json, subtype, image_name=image_name).entries()
+    return _questions(entries, Path(image_dir), lambda e: {"image_id": e.fields["image_id"]})
 
 
 def read_okvqa(questions_json: str | Path, annotations_json: str | Path | None, image_dir: str | Path,
@@ -121,67 +88,30 @@ def read_okvqa(questions_json: str | Path, annotations_json: str | Path | None, 
 
 
 def read_textvqa(annotations_json: str | Path, image_dir: str | Path) -> list[Question]:
-    """TextVQA `TextVQA_0.5.1_{split}.json` (data[] of question_id, question, image_id, answers; no answers in
-    the test split), images `{image_id}.jpg`."""
-    tdata = _load_json(annotations_json)
-    if not isinstance(tdata, dict) or not isinstance(tdata.get("data"), list):
-        raise ValueError(f"{annotations_json}: not a TextVQA file (no 'data' list)")
-    image_dir = Path(image_dir)
-    out = [Question(item["question_id"], item["question"], image_dir / f"{item['image_id']}.jpg",
-                    _answer_strings(item.get("answers"), f"question_id {item['question_id']}"),
-                    extra={"image_id": item["image_id"]}) for item in tdata["data"]]
-    return _check_images(out, image_dir)
+    """TextVQA `TextVQA_0.5.1_{split}.json` (no answers in the test split)."""
+    entries = official.textvqa(annotations_json).entries()
+    return _questions(entries, Path(image_dir), lambda e: {"image_id": e.fields["image_id"]})
 
 
 def read_vizwiz(annotations_json: str | Path, image_dir: str | Path) -> list[Question]:
-    """VizWiz-VQA `{split}.json`: a list of {image, question, answers: [{answer, answer_confidence}], answer_type,
-    answerable} (no answers in test). question_id: the image name without its extension."""
-    vdata = _load_json(annotations_json)
-    if not isinstance(vdata, list):
-        raise ValueError(f"{annotations_json}: not a VizWiz file (expected a list)")
-    image_dir = Path(image_dir)
-    out = []
-    for item in vdata:
-        extra = {"image": item["image"]}
-        if item.get("answerable") is not None:
-            extra["answerable"] = item["answerable"]
-        out.append(Question(Path(item["image"]).stem, item["question"], image_dir / item["image"],
-                            _answer_strings(item.get("answers"), item["image"]),
-                            answer_type=item.get("answer_type"), extra=extra))
-    return _check_images(out, image_dir)
+    """VizWiz-VQA `{split}.json` (no answers in test). question_id: the image name without its extension."""
+    return _questions(official.vizwiz(annotations_json).entries(), Path(image_dir), lambda e: e.fields)
 
 
 def read_docvqa(annotations_json: str | Path, image_dir: str | Path | None = None) -> list[Question]:
-    """DocVQA `{split}_v1.0.json` (data[] of questionId, question, image, answers, question_types; no answers in
-    test). The "image" paths ("documents/x.png") are relative to image_dir, by default the JSON file's folder."""
-    ddata = _load_json(annotations_json)
-    if not isinstance(ddata, dict) or not isinstance(ddata.get("data"), list):
-        raise ValueError(f"{annotations_json}: not a DocVQA file (no 'data' list)")
+    """DocVQA `{split}_v1.0.json` (no answers in test). The "image" paths ("documents/x.png") are relative to
+    image_dir, by default the JSON file's folder; a question with several question_types counts under each."""
     image_dir = Path(annotations_json).parent if image_dir is None else Path(image_dir)
-    out = []
-    for item in ddata["data"]:
-        extra = {k: item[k] for k in ("docId", "image") if item.get(k) is not None}
-        out.append(Question(item["questionId"], item["question"], image_dir / item["image"],
-                            _answer_strings(item.get("answers"), f"questionId {item['questionId']}"),
-                            question_type=item.get("question_types"), extra=extra))
-    return _check_images(out, image_dir)
+    extra = lambda e: {k: v for k, v in (("docId", e.fields.get("docId")), ("image", e.image)) if v is not None}
+    return _questions(official.docvqa(annotations_json).entries(), image_dir, extra)
 
 
-def read_chartqa(root: str | Path, split: str = "test", sources: Sequence[str] = ("human", "augmented")
+def read_chartqa(root: str | Path, split: str = "test", sources: Sequence[str] = official.CHARTQA_SOURCES
                  ) -> list[Question]:
-    """ChartQA `{root}/{split}/{split}_{human,augmented}.json` (lists of {imgname, query, label}), images in
-    `{root}/{split}/png/`. question_id: "{source}_{index in file}"; question_type: the source (human / augmented),
+    """ChartQA test / val: question_id "{source}_{index in file}", question_type the source (human / augmented),
     the two halves ChartQA reports."""
-    split_dir = Path(root) / split
-    out = []
-    for src in sources:
-        path = split_dir / f"{split}_{src}.json"
-        entries = _load_json(path)
-        if not isinstance(entries, list):
-            raise ValueError(f"{path}: not a ChartQA file (expected a list)")
-        out += [Question(f"{src}_{j}", e["query"], split_dir / "png" / e["imgname"], [str(e["label"])],
-                         question_type=src, extra={"imgname": e["imgname"]}) for j, e in enumerate(entries)]
-    return _check_images(out, split_dir / "png")
+    entries = official.chartqa(root, split, sources).entries()
+    return _questions(entries, Path(root) / split / "png", lambda e: {"imgname": e.image})
 
 
 READERS: dict[str, Callable[..., list[Question]]] = {

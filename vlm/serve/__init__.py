@@ -4,6 +4,7 @@ See `vlm.serve.app` (endpoints, batching, token accounting) and `vlm.serve.fetch
 Needs the `serve` extra (fastapi, uvicorn, httpx); no Lightning.
 """
 
-from vlm.serve.app import ServeConfig, create_app
+from vlm.serve.app import create_app
+from vlm.serve.config import ServeConfig
 
 __all__ = ["ServeConfig", "create_app"]

@@ -15,7 +15,7 @@ import sys
 def parse(argv: list[str]):
     from omegaconf import OmegaConf
 
-    from vlm.serve.app import ServeConfig
+    from vlm.serve.config import ServeConfig
 
     bad = [a for a in argv if "=" not in a]
     if bad:

@@ -29,7 +29,7 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
-from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from vlm.images import DEFAULT_MAX_PIXELS, TOO_LARGE, UNDECODABLE, UNSUPPORTED, ImageError, load_image
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
@@ -42,13 +42,15 @@ class FetchError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
 
+# ImageError.reason -> (status, code): an unsupported format is 415; a decompression bomb (a small payload declaring a
+# huge canvas) is a bad request, not a too-large one; anything undecodable is a bad request
+_IMAGE_ERRORS = {UNSUPPORTED: (415, "unsupported_image_format"), TOO_LARGE: (400, "image_too_many_pixels"),
+                 UNDECODABLE: (400, "invalid_image")}
+
+
 def classify_image_error(e: ImageError) -> FetchError:
-    msg = str(e)
-    if msg.startswith("unsupported image"):
-        return FetchError(415, msg, "unsupported_image_format")
-    if msg.startswith("image too large"):
-        return FetchError(400, msg, "image_too_many_pixels")
-    return FetchError(400, msg, "invalid_image")
+    status, code = _IMAGE_ERRORS[e.reason]
+    return FetchError(status, str(e), code)
 
 
 def decode_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:

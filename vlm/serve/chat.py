@@ -1,0 +1,192 @@
+"""One chat completion, from a validated request to the response body or its stream of chunks.
+
+Token accounting: `usage.prompt_tokens` is the real prompt length as the model sees it: text tokens plus, for every
+image, its visual tokens (`vlm.tiling.token_budget`: 65 for the global view + 129 per tile with the default
+resamplers). With xattn fusion the text holds one `<image>` marker per image and the visual tokens enter through
+cross-attention; the marker is not counted, its image's visual tokens are. `completion_tokens` counts the generated
+tokens, EOS included when the model emitted it (also when a stop string cut the text).
+
+Streaming (`stream=true`) sends chat.completion.chunk events token by token and `data: [DONE]`; the tokens are
+generated first (in the batch) and then streamed, so errors still get a proper status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi.responses import StreamingResponse
+from starlette.datastructures import State
+
+from vlm.prompts import generation_prompt
+from vlm.serve.batcher import Job
+from vlm.serve.fetch import FetchError, ImageFetcher
+from vlm.serve.schema import APIError, ChatRequest, TextPart
+
+
+def check_request(state: State, req: ChatRequest) -> tuple[int, list[str]]:
+    """The request's limits against the server's: (max_tokens, stop strings), or APIError."""
+    cfg = state.cfg
+    if req.model is not None and req.model != cfg.model_name:
+        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {cfg.model_name!r}",
+                       param="model", code="model_not_found")
+    max_tokens = req.max_completion_tokens or req.max_tokens or cfg.default_max_tokens
+    if max_tokens > cfg.max_tokens_limit:
+        raise APIError(400, f"max_tokens {max_tokens} is above this server's limit {cfg.max_tokens_limit}",
+                       param="max_tokens", code="invalid_value")
+    if req.n > cfg.max_n:
+        raise APIError(400, f"n must be at most {cfg.max_n}", param="n", code="invalid_value")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise APIError(400, "stop takes at most 4 non-empty strings", param="stop", code="invalid_value")
+    return max_tokens, stops
+
+
+async def load_images(state: State, req: ChatRequest):
+    """(images, details) in order of appearance; each distinct URL fetched once. GPT-4V's rules: images in user
+    messages only (not the first system message), at most `max_images`, no image marker in the text."""
+    marker = state.processor.image_token
+    refs = []  # (url, detail, param)
+    first_system = next((i for i, m in enumerate(req.messages) if m.role in ("system", "developer")), None)
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, str) and marker in m.content:
+            raise APIError(400, f"message text must not contain the image marker {marker!r}",
+                           param=f"messages.{i}.content", code="invalid_content")
+        for k, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if isinstance(part, TextPart):
+                if marker in part.text:
+                    raise APIError(400, f"message text must not contain the image marker {marker!r}",
+                                   param=f"messages.{i}.content.{k}.text", code="invalid_content")
+                continue
+            if i == first_system:
+                raise APIError(400, "images are not allowed in the system message",
+                               param=f"messages.{i}.content.{k}", code="invalid_content")
+            iu = part.image_url
+            url, detail = (iu, "auto") if isinstance(iu, str) else (iu.url, iu.detail)
+            refs.append((url, detail, f"messages.{i}.content.{k}.image_url"))
+    if len(refs) > state.cfg.max_images:
+        raise APIError(400, f"too many images: {len(refs)} > {state.cfg.max_images}", param="messages",
+                       code="too_many_images")
+    fetcher: ImageFetcher = state.fetcher
+    tasks: dict[str, asyncio.Task] = {}
+    for url, _, _ in refs:
+        if url not in tasks:
+            tasks[url] = asyncio.ensure_future(fetcher.load(url))
+    try:
+        await asyncio.gather(*tasks.values())
+    except FetchError as e:
+        for t in tasks.values():
+            t.cancel()
+        bad = next((p for u, _, p in refs if tasks[u].done() and not tasks[u].cancelled()
+                    and tasks[u].exception() is e), None)
+        e.param = e.param or bad
+        raise
+    return [tasks[u].result() for u, _, _ in refs], [d for _, d, _ in refs]
+
+
+def encode(state: State, req: ChatRequest, images, details) -> tuple[dict, int]:
+    """The model's input for the request and its prompt tokens (text + every image's visual tokens)."""
+    proc = state.processor
+    msgs = [{"role": "system" if m.role == "developer" else m.role,
+             "content": m.content if not isinstance(m.content, list) else [p.model_dump() for p in m.content]}
+            for m in req.messages]
+    text, add_bos = generation_prompt(msgs, proc.tokenizer, proc.image_token)
+    sample = proc.encode(text, images, details, add_bos=add_bos)
+    plans = sample["plans"]
+    text_tokens = len(sample["input_ids"]) - sum(proc.placeholders(p) for p in plans)
+    return sample, text_tokens + sum(proc.budget.image(p) for p in plans)
+
+
+def sampling_group(req: ChatRequest) -> tuple:
+    """Requests with the same key share a generate call: greedy together, sampled by (temperature, top_p); a seeded
+    request alone (its samples depend only on its seed)."""
+    if req.temperature == 0:
+        return ("greedy",)
+    if req.seed is not None:
+        return ("seeded", uuid.uuid4().hex)
+    return ("sample", req.temperature, req.top_p)
+
+
+async def complete(state: State, req: ChatRequest):
+    """The response body (a dict) or, with `stream`, the StreamingResponse of its chunks."""
+    max_tokens, stops = check_request(state, req)
+    images, details = await load_images(state, req)
+    sample, prompt_tokens = await asyncio.to_thread(encode, state, req, images, details)
+    if state.max_positions and len(sample["input_ids"]) + max_tokens > state.max_positions:
+        raise APIError(400, f"prompt ({len(sample['input_ids'])} tokens) plus max_tokens ({max_tokens}) exceeds "
+                       f"the model's context of {state.max_positions}", param="messages",
+                       code="context_length_exceeded")
+    fut = asyncio.get_running_loop().create_future()
+    state.batcher.submit(Job(sample, req.n, max_tokens, sampling_group(req), req.temperature, req.top_p, req.seed,
+                             fut))
+    try:
+        rows = await fut
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+    tok = state.processor.tokenizer
+    choices = [finish(tok, r, stops) for r in rows]
+    completion_tokens = sum(c[2] for c in choices)
+    usage = {"prompt_tokens": prompt_tokens,
+             "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.cfg.model_name
+    if not req.stream:
+        return {"id": cid, "object": "chat.completion", "created": created, "model": name,
+                "system_fingerprint": None,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": reason}
+                            for i, (text, reason, _, _) in enumerate(choices)],
+                "usage": usage}
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    events = stream_events(tok, cid, created, name, choices, usage if include_usage else None)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def finish(tok, row: list[int], stops: list[str]) -> tuple[str, str, int, list[int]]:
+    """Generated ids -> (text, finish_reason, completion_tokens, content ids)."""
+    eos_id = tok.eos_token_id
+    ids, reason = row, "length"
+    if eos_id is not None and eos_id in row:
+        ids, reason = row[: row.index(eos_id)], "stop"
+    n_tokens = len(ids) + (reason == "stop")
+    text = tok.decode(ids, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        text, reason = text[:cut], "stop"
+    return text, reason, n_tokens, ids
+
+
+def deltas(tok, ids: list[int], final: str) -> list[str]:
+    """Per-token text pieces that concatenate exactly to `final` (incomplete UTF-8 held back)."""
+    out, sent = [], ""
+    for k in range(1, len(ids) + 1):
+        text = tok.decode(ids[:k], skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(sent) or len(text) == len(sent):
+            continue
+        piece = text[len(sent):]
+        if not final.startswith(sent + piece):
+            break
+        out.append(piece)
+        sent += piece
+    if len(sent) < len(final):
+        out.append(final[len(sent):])
+    return out
+
+
+async def stream_events(tok, cid: str, created: int, model_name: str, choices, usage):
+    def event(choice_list, extra=None):
+        chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                 "system_fingerprint": None, "choices": choice_list, **(extra or {})}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    for i, (text, reason, _, ids) in enumerate(choices):
+        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+        for piece in deltas(tok, ids, text):
+            yield event([{"index": i, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}])
+        yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+    if usage is not None:
+        yield event([], {"usage": usage})
+    yield "data: [DONE]\n\n"
