@@ -96,6 +96,10 @@ class CausalLM(nn.Module):
     """A decoder-only LM: next-token loss on shifted labels, positions from the attention mask (left padding), a
     decode loop with the LM's own KV cache (transformers' `DynamicCache`)."""
 
+    # vs transformers' gradient_checkpointing_enable: ours wraps each layer with the fusion function before it and
+    # runs whenever gradients are recorded (theirs only in train mode, so never for a frozen LLM, and it would not
+    # recompute a cross-attention that runs outside the layer).
+
     kind = "causal"
 
     def __init__(self, cfg: LMConfig):
