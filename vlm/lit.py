@@ -40,11 +40,15 @@ class _NoAdverts(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
+_NO_ADVERTS = _NoAdverts()  # one instance: adding it again (every module built) is a no-op
+
+
 def quiet_lightning() -> None:
+    """The filters above; safe to call any number of times (neither filter list grows)."""
     for message, category in _WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_NoAdverts())
+        logging.getLogger(name).addFilter(_NO_ADVERTS)
 
 
 NO_DECAY = ("bias", "norm", "gate", "embedding", "queries", "latents", "learned_tokens")
