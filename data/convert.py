@@ -7,6 +7,7 @@ r"""Convert standard datasets into our WebDataset shards (the library is vlm/dat
     python data/convert.py textvqa --annotations TextVQA_0.5.1_val.json --images train_images --out shards/textvqa_val
     python data/convert.py docvqa --annotations val/val_v1.0.json --out shards/docvqa_val
     python data/convert.py chartqa --root "ChartQA Dataset" --split test --out shards/chartqa_test
+    python data/convert.py easy-vqa --out shards/easy_vqa_train   # the installed easy-vqa package's files
     python data/convert.py coco-captions --captions captions_val2017.json --images val2017 --out shards/coco_val
     python data/convert.py llava --annotations llava_instruct_150k.json --images train2017 --out shards/llava
 
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", nargs="+", choices=C.CHARTQA_SOURCES, default=list(C.CHARTQA_SOURCES))
     _common(p)
 
+    p = sub.add_parser("easy-vqa", help="easy-VQA {split}/questions.json + {split}/images (the easy-vqa package)")
+    p.add_argument("--root", default=None,
+                   help="a copy of the package's data/ folder (default: the installed easy_vqa package's; "
+                        f"`{C.EASY_VQA_INSTALL}`)")
+    p.add_argument("--split", choices=C.EASY_VQA_SPLITS, default="train")
+    _common(p)
+    p.set_defaults(detail="low")  # 64x64 images: one global view
+
     p = sub.add_parser("coco-captions", help="COCO captions_{split}.json + images, one sample per image")
     p.add_argument("--captions", required=True, help="captions_{train,val}2017.json")
     p.add_argument("--images", required=True, help="folder with the images' file_name")
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             C.convert_docvqa(args.annotations, args.out, images=args.images, **common)
         elif args.dataset == "chartqa":
             C.convert_chartqa(args.root, args.split, args.out, sources=args.sources, **common)
+        elif args.dataset == "easy-vqa":
+            C.convert_easy_vqa(args.out, root=args.root, split=args.split, **common)
         elif args.dataset == "coco-captions":
             C.convert_coco_captions(args.captions, args.images, args.out, prompt=args.prompt, **common)
         elif args.dataset == "llava":

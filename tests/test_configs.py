@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from vlm.config import VLMConfig
 from vlm.data.synthetic import CorpusParams
+from vlm.eval.metrics import METRICS
 from vlm.eval.tasks import Task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -164,7 +165,7 @@ def test_eval_configs(task):
         cfg = compose("eval", overrides=[f"task={task}"], return_hydra_config=True)
     train_cfg = _train(f"eval@evaluate.task={task}")
     assert Task.from_config(cfg.task) == Task.from_config(train_cfg.evaluate.task)
-    assert Task.from_config(cfg.task).metric in ("vqa_accuracy", "anls", "relaxed_accuracy", "exact_match")
+    assert Task.from_config(cfg.task).metric in METRICS
     eval_keys = {"task", "data_root", "limit", "batch_size", "num_workers", "max_new_tokens"}
     assert eval_keys <= set(cfg) and eval_keys <= set(train_cfg.evaluate)  # what evaluate_config reads
 

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import json
+import shutil
+import sys
 import tarfile
 from pathlib import Path
 
+import easy_vqa
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
+from vlm.compose import model_config
 from vlm.data import convert as C
+from vlm.data import official
 from vlm.data.format import image_refs
+from vlm.data.pipeline import ShardStream, collate_stream
+from vlm.processor import Processor
+from vlm.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 OPTS = dict(progress=False)
@@ -270,6 +280,57 @@ def test_chartqa(tmp_path):
     assert summary(out)["skipped"] == {"missing_image": 1, "undecodable_image": 1, "empty_answer": 1}
 
 
+# ------------------------------------------------------------------------------------------------ easy-VQA
+
+
+def test_easy_vqa_from_the_package_reads_back_through_the_pipeline(tmp_path):
+    out = tmp_path / "out"
+    result = C.convert_easy_vqa(out, split="test", limit=6, shard_size=4, **OPTS)
+    texts, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    samples = read_shards(out)
+    assert [s["key"] for s in samples] == [f"easy_vqa_test-{i}" for i in range(6)]
+    rec = samples[0]["record"]
+    assert user_parts(rec) == [{"type": "image_url", "image_url": {"url": "0.png", "detail": "low"}},
+                               {"type": "text", "text": texts[0]}]
+    assert rec["messages"][1] == {"role": "assistant", "content": answers[0]}
+    assert rec["meta"] == {"dataset": "easy_vqa", "question_id": "test-0", "image_id": image_ids[0], "split": "test",
+                           "answers": [answers[0]], "question_type": official.EASY_VQA_TYPE_OF[answers[0]]}
+    for i, s in enumerate(samples):  # the package's PNG bytes, unchanged
+        assert s["images"] == {"0.png": Path(paths[image_ids[i]]).read_bytes()}
+    assert result["written"] == 6 and result["source_items"] == 9673 and result["skipped_total"] == 0
+    assert result["shards"] == ["easy_vqa-000000.tar", "easy_vqa-000001.tar"]
+
+    cfg = model_config()
+    proc = Processor(cfg, build_tokenizer(cfg.lm))
+    stream = ShardStream(out, proc, epochs=1, shuffle_shards=False, shuffle_buffer=0, strict=True)
+    loader = torch.utils.data.DataLoader(stream, batch_size=3, collate_fn=functools.partial(
+        collate_stream, pad_token_id=proc.tokenizer.pad_token_id))
+    batches = list(loader)
+    assert [k for b in batches for k in b["keys"]] == [s["key"] for s in samples]
+    assert all(b["views_per_image"].tolist() == [1, 1, 1] for b in batches)  # 64x64, detail low: one global view
+    supervised = [proc.tokenizer.decode(row[row != -100]) for b in batches for row in b["labels"]]
+    assert supervised == [f" {a}</s>" for a in answers[:6]]  # the assistant turn only
+
+
+def test_easy_vqa_copy_of_the_data_skips_bad_items(tmp_path):
+    root = tmp_path / "data"
+    (root / "train/images").mkdir(parents=True)
+    shutil.copy(official.easy_vqa_root() / "train/images/0.png", root / "train/images/0.png")
+    write_corrupt(root / "train/images/1.png")
+    write_json(root / "train/questions.json", [
+        ["what is the shape?", "circle", 0], ["what colour?", "purple", 0], ["is it red?", "yes", 7],
+        ["is it red?", "no", 1], [" ", "yes", 0], ["what?"], ["is there a circle?", "yes", 0]])
+    out = tmp_path / "out"
+    C.convert_easy_vqa(out, root=root, detail="high", **OPTS)
+    samples = read_shards(out)
+    assert [s["key"] for s in samples] == ["easy_vqa_train-0", "easy_vqa_train-6"]
+    assert user_parts(samples[0]["record"])[0]["image_url"]["detail"] == "high"
+    assert [s["record"]["meta"]["question_type"] for s in samples] == ["shape", "yes/no"]
+    assert summary(out)["skipped"] == {"unknown_answer": 1, "missing_image": 1, "undecodable_image": 1,
+                                       "empty_question": 1, "malformed_item": 1}
+
+
 # -------------------------------------------------------------------------------------------- COCO captions
 
 
@@ -477,6 +538,19 @@ def test_cli_vqav2(tmp_path, capsys):
         cli.main(["vqav2", "--out", str(out)])  # --questions missing
 
 
+def test_cli_easy_vqa(tmp_path, capsys, monkeypatch):
+    cli = load_cli()
+    out = tmp_path / "out"
+    assert cli.main(["easy-vqa", "--out", str(out), "--limit", "3", "--no-progress"]) == 0  # train, the package's
+    samples = read_shards(out)
+    assert [s["key"] for s in samples] == ["easy_vqa_train-0", "easy_vqa_train-1", "easy_vqa_train-2"]
+    assert user_parts(samples[0]["record"])[0]["image_url"]["detail"] == "low"
+    assert "wrote 3 samples" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)  # as if not installed
+    assert cli.main(["easy-vqa", "--out", str(tmp_path / "other"), "--no-progress"]) == 1
+    assert "pip install --no-deps easy-vqa==1.0" in capsys.readouterr().err
+
+
 def test_cli_other_subcommands_parse(tmp_path):
     parser = load_cli().build_parser()
     args = parser.parse_args(["chartqa", "--root", "r", "--split", "val", "--out", "o", "--limit", "5"])
@@ -486,5 +560,6 @@ def test_cli_other_subcommands_parse(tmp_path):
     for argv in (["textvqa", "--annotations", "a", "--images", "i", "--out", "o"],
                  ["docvqa", "--annotations", "a", "--out", "o"],
                  ["llava", "--annotations", "a", "--out", "o", "--name", "sharegpt4v"],
-                 ["okvqa", "--questions", "q", "--images", "i", "--out", "o", "--subtype", "val2014"]):
+                 ["okvqa", "--questions", "q", "--images", "i", "--out", "o", "--subtype", "val2014"],
+                 ["easy-vqa", "--root", "r", "--split", "test", "--out", "o", "--detail", "auto"]):
         assert parser.parse_args(argv).dataset == argv[0]

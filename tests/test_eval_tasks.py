@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import easy_vqa
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from vlm.compose import model_config
-from vlm.eval.runner import evaluate, markdown_table
+from vlm.data import official
+from vlm.eval.metrics import score
+from vlm.eval.runner import evaluate, evaluate_config, markdown_table
 from vlm.eval.tasks import TASK_DIR, Question, Task, load_task
 from vlm.model import VLM
 from vlm.processor import Processor
@@ -213,6 +217,32 @@ def test_chartqa(tmp_path, xattn):
     assert set(metrics["question_type"]) == {"human", "augmented"} and all(r["score"] in (0, 1) for r in rows)
 
 
+def test_easy_vqa_reads_the_installed_package(tmp_path, xattn):
+    """No data_root: every official test question from the installed package, scored so that a right answer,
+    however cased or punctuated, counts 100 %; eval.py's path (evaluate_config) with data_root null."""
+    task = load_task("easy_vqa")
+    assert task.data_root is None and task.detail == "low" and task.args == {"split": "test"}
+    questions = task.read()
+    texts, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    assert len(questions) == 9673 and len({q.question_id for q in questions}) == 9673
+    assert [q.question for q in questions] == texts and [q.answers for q in questions] == [[a] for a in answers]
+    assert all(q.image == Path(paths[i]) and q.extra == {"image_id": i} for q, i in zip(questions, image_ids))
+    assert {q.question_type for q in questions} == {"shape", "colour", "yes/no"}
+    assert task.read(official.easy_vqa_root()) == questions  # data_root given: a copy of the package's data folder
+    assert score(task.metric, answers[0].capitalize() + ".", questions[0].answers) == 1.0
+    assert score(task.metric, "purple", questions[0].answers) == 0.0
+
+    cfg = OmegaConf.create({"task": OmegaConf.to_container(OmegaConf.load(TASK_DIR / "easy_vqa.yaml")),
+                            "data_root": None, "limit": 4, "batch_size": 2, "num_workers": 0,
+                            "max_new_tokens": 2})
+    metrics = evaluate_config(cfg, lambda: xattn[0], tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
+    check_scored(metrics, rows, questions[:4])
+    assert all(r["score"] in (0, 1) for r in rows) and metrics["metric"] == "vqa_exact_match"
+    assert json.loads((tmp_path / "out/metrics.json").read_text())["data_root"] is None
+
+
 def test_missing_image_is_named(tmp_path):
     write_vqav2(tmp_path, n=2)
     (tmp_path / "images/COCO_val2014_000000000101.jpg").unlink()
@@ -224,14 +254,14 @@ def test_missing_image_is_named(tmp_path):
 
 def test_task_configs_are_valid():
     names = {p.stem for p in TASK_DIR.glob("*.yaml")}
-    assert {"synthetic", "vqav2", "okvqa", "textvqa", "vizwiz", "docvqa", "chartqa"} <= names
+    assert {"synthetic", "vqav2", "okvqa", "textvqa", "vizwiz", "docvqa", "chartqa", "easy_vqa"} <= names
     metrics = {}
     for name in names:
         task = load_task(name, data_root=".")
         metrics[name] = task.metric
         assert task.name == name and "{question}" in task.prompt
     assert metrics["docvqa"] == "anls" and metrics["chartqa"] == "relaxed_accuracy"
-    assert metrics["vqav2"] == metrics["synthetic"] == "vqa_accuracy"
+    assert metrics["vqav2"] == metrics["synthetic"] == "vqa_accuracy" and metrics["easy_vqa"] == "vqa_exact_match"
     assert load_task("vqav2_testdev").submission == "vqa"
     with pytest.raises(ValueError, match="metric"):
         Task(name="x", reader="vqav2", metric="bleu")

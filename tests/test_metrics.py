@@ -2,7 +2,16 @@
 
 import pytest
 
-from vlm.eval.metrics import METRICS, anls, exact_match, levenshtein, relaxed_accuracy, score, vqa_accuracy
+from vlm.eval.metrics import (
+    METRICS,
+    anls,
+    exact_match,
+    levenshtein,
+    relaxed_accuracy,
+    score,
+    vqa_accuracy,
+    vqa_exact_match,
+)
 
 
 def varied(value: str, k: int = 3, other: str = "zzz") -> list[str]:
@@ -242,8 +251,20 @@ def test_exact_match():
     assert exact_match("x", []) == 0.0
 
 
+def test_vqa_exact_match_normalises_as_the_vqa_evaluator():
+    assert vqa_exact_match("Circle.", ["circle"]) == 1.0  # case, trailing period
+    assert vqa_exact_match(" a circle\n", "circle") == 1.0  # whitespace, article
+    assert vqa_exact_match("Two", ["2"]) == 1.0 and vqa_exact_match("yes!", ["yes"]) == 1.0
+    assert vqa_exact_match("circles", ["circle"]) == 0.0 and vqa_exact_match("no", ["yes"]) == 0.0
+    assert vqa_exact_match("red", ["blue", "red"]) == 1.0 and vqa_exact_match("x", []) == 0.0
+    # why one reference answer needs it: vqa_accuracy scores nothing against one answer, and against ten copies
+    # of it compares without normalisation
+    assert vqa_accuracy("circle", ["circle"]) == 0.0
+    assert vqa_accuracy("circle", ["circle"] * 10) == 1.0 and vqa_accuracy("Circle.", ["circle"] * 10) == 0.0
+
+
 def test_registry_and_score():
-    assert set(METRICS) == {"vqa_accuracy", "anls", "relaxed_accuracy", "exact_match"}
+    assert set(METRICS) == {"vqa_accuracy", "anls", "relaxed_accuracy", "exact_match", "vqa_exact_match"}
     assert score("vqa_accuracy", "2", ["2"] * 10) == 1.0
     assert score("vqa_accuracy", "cat", varied("cat")) == pytest.approx(0.9)
     assert score("anls", "abc", "abc") == 1.0
@@ -252,6 +273,7 @@ def test_registry_and_score():
     assert score("relaxed_accuracy", "10", ["11", "10"]) == 0.0  # only answers[0] is used
     assert score("relaxed_accuracy", "10", "10.4") == 1.0
     assert score("exact_match", "Paris", ("paris",)) == 1.0
+    assert score("vqa_exact_match", "A triangle.", "triangle") == 1.0
     with pytest.raises(ValueError):
         score("bleu", "a", ["a"])
     with pytest.raises(ValueError):

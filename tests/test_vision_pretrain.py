@@ -85,6 +85,8 @@ def test_stage0_trains_caches_and_loads(corpus):
     assert all(torch.equal(v, stage_state(fresh)[k]) for k, v in after.items())
     other = VLM(model_config(*MODEL, "model.tile_resampler.depth=2"))
     assert cache_key(other, corpus, cfg, 0) != cache_key(model, corpus, cfg, 0)
+    cached = VLM(model_config(*MODEL, "++model.vision.feature_cache=/features"))  # where features go, not what
+    assert cache_key(cached, corpus, cfg, 0) == cache_key(model, corpus, cfg, 0)
 
 
 def test_train_py_runs_stage0_then_freezes_the_pretrained_encoder(corpus, tmp_path):

@@ -45,6 +45,11 @@ class VisionConfig:
     mean: tuple[float, float, float] | None = None  # pixel normalisation; None = the backbone's own
     std: tuple[float, float, float] | None = None
     gradient_checkpointing: bool = False  # recompute block activations in backward (matters only when trained)
+    # A disk cache of the frozen encoder's features per view (vlm/feature_cache.py): a folder, or None (off); the env
+    # VLM_CACHE overrides it (a folder, or "off" / "null"). Used only while model.freeze.vision is true.
+    feature_cache: str | None = None
+    feature_cache_max_gb: float = 20.0  # the folder's size bound (all encoders in it); least recently used go first
+    feature_cache_dtype: str | None = None  # None: the features' own dtype (bit-identical); "float16" / "bfloat16"
 
 
 @dataclass
@@ -79,6 +84,9 @@ class FusionConfig:
 
     kind: Literal["xattn", "prefix"] = "xattn"
     every_n_layers: int = 1  # xattn: a GATED XATTN-DENSE block before every n-th decoder layer
+    # xattn: the decoder layers that get a block, counted from 0 (overrides every_n_layers). Blocks only in the upper
+    # layers of a frozen LLM keep the backward out of the layers below the lowest one.
+    layers: list[int] | None = None
     heads: int = 8
     dim_head: int = 64
     ff_mult: int = 4
@@ -87,6 +95,10 @@ class FusionConfig:
     # xattn: the gates' initial value. 0 (Flamingo) leaves a pretrained LLM's outputs untouched at init; a model
     # whose LLM trains from scratch (the tiny default) has nothing to protect and learns faster with open gates.
     gate_init: float = 0.0
+    # xattn: a token with no image before it gets no block output at all, neither attention nor the gated
+    # feed-forward (IDEFICS), so text-only conversations are exactly the LLM's, trained gates or not. False:
+    # open_flamingo's behaviour (such tokens skip the attention only; the gated feed-forward runs on every token).
+    text_only_passthrough: bool = True
     projector: Literal["linear", "mlp"] = "mlp"  # prefix: visual width -> LLM width
 
 
@@ -99,6 +111,9 @@ class LMConfig:
     tokenizer: str | None = None  # None: `name`, or the built-in byte tokenizer for hf_config models
     dtype: str = "float32"
     image_token: str = "<image>"  # placeholder (prefix) / media marker (xattn)
+    # xattn: the token of the LM's vocabulary whose embedding row initialises the learned marker, so that with closed
+    # gates the VLM is exactly the LM reading that token at each image; null: the mean of the LM's embedding table
+    image_token_init: str | None = None
     gradient_checkpointing: bool = False
 
 
@@ -107,6 +122,9 @@ class FreezeConfig:
     vision: bool = True
     llm: bool = True
     resamplers: bool = False  # both resamplers (and shared tile queries); the tiny default freezes its stage-0 ones
+    # the learned <image> marker (xattn) keeps its initial embedding: with it trained, every step backpropagates
+    # through the whole frozen LLM down to the input; frozen, only through the layers above the lowest xattn block
+    image_token: bool = False
 
 
 @dataclass

@@ -49,10 +49,12 @@ class GatedCrossAttentionBlock(nn.Module):
     """Flamingo's GATED XATTN-DENSE: y += tanh(a) * xattn(y, media); y += tanh(b) * ffw(y). Gates start at
     `gate_init` (0 as in Flamingo unless configured)."""
 
-    def __init__(self, *, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int, gate_init: float = 0.0):
+    def __init__(self, *, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int, gate_init: float = 0.0,
+                 text_only_passthrough: bool = True):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.text_only_passthrough = text_only_passthrough
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
@@ -69,9 +71,13 @@ class GatedCrossAttentionBlock(nn.Module):
                 has_media: torch.Tensor) -> torch.Tensor:
         q = split_heads(self.to_q(self.norm(x)), self.heads)  # (B, H, T, d)
         out = merge_heads(attend(q, kv[0].to(q.dtype), kv[1].to(q.dtype), mask))  # (B, T, H*d)
-        out = self.to_out(out) * has_media  # (B, T, Dl); text before the first image gets nothing
-        x = x + torch.tanh(self.attn_gate) * out
-        return x + torch.tanh(self.ff_gate) * self.ff(x)
+        out = self.to_out(out)  # (B, T, Dl)
+        if not self.text_only_passthrough:  # open_flamingo: only the attention is masked for text before any image
+            out = out * has_media
+        y = x + torch.tanh(self.attn_gate) * out
+        y = y + torch.tanh(self.ff_gate) * self.ff(y)
+        # IDEFICS: text before the first image leaves the block exactly as it came (bit for bit, whatever the gates)
+        return torch.where(has_media, y, x) if self.text_only_passthrough else y
 
 
 @dataclass
@@ -132,9 +138,12 @@ class CrossAttentionFusion(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_ids = [i for i in range(num_layers) if (i + 1) % cfg.every_n_layers == 0]
+        if cfg.layers is not None:
+            self.layer_ids = sorted({int(i) % num_layers for i in cfg.layers})  # negative: from the top
         self.blocks = nn.ModuleList(
             GatedCrossAttentionBlock(dim=lm_dim, media_dim=media_dim, heads=cfg.heads, dim_head=cfg.dim_head,
-                                     ff_mult=cfg.ff_mult, gate_init=cfg.gate_init)
+                                     ff_mult=cfg.ff_mult, gate_init=cfg.gate_init,
+                                     text_only_passthrough=cfg.text_only_passthrough)
             for _ in self.layer_ids
         )
 

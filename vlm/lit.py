@@ -99,7 +99,7 @@ class VLMLitModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.stream_position.update(batch)
         self.meter.add(batch_counts(batch, self.model))
-        loss = self.model(batch, num_tokens=self.loss_normaliser(batch)).loss
+        loss = self.model(batch, num_tokens=self.loss_normaliser(batch), logits=False).loss
         self.log("loss", loss, prog_bar=True, sync_dist=True)  # the mean over ranks: the step's token mean
         return loss
 

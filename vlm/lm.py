@@ -27,7 +27,7 @@ from torch import nn
 
 from vlm.config import LMConfig
 from vlm.layers import find_layer_stack
-from vlm.pretrained import missing_weights
+from vlm.pretrained import missing_weights, resolve
 from vlm.tokenizer import IGNORE_INDEX
 
 LayerFns = dict[int, Callable[[torch.Tensor], torch.Tensor]]  # decoder layer index -> hidden (B, T, Dl) -> same
@@ -44,7 +44,7 @@ def build_lm(cfg: LMConfig) -> nn.Module:
         return AutoModelForCausalLM.from_config(conf, dtype=dtype)
     if cfg.name:
         try:
-            return AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
+            return AutoModelForCausalLM.from_pretrained(resolve(cfg.name), dtype=dtype)
         except OSError as e:
             raise missing_weights("language model", cfg.name, "model.lm.name (a local folder)", e) from e
     raise ValueError("LMConfig needs `name` (hub id or local folder) or `hf_config`")
@@ -154,6 +154,28 @@ class CausalLM(nn.Module):
         """Training / scoring: embeddings (B, T, De) -> logits (B, T, W), positions from the mask."""
         return self.call(embeds, attention_mask, positions_from_mask(attention_mask, embeds), fns)
 
+    def supervised_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                        fns: LayerFns | None = None, num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Training: `loss(forward(...), labels)` with the output embedding applied only where a loss is taken (a
+        frozen 49k-word head over every prompt and system token costs more than a small LM's last layers). Falls back
+        to the full logits for LMs whose logits are more than the output embedding of the decoder's last hidden state
+        (final soft-capping)."""
+        conf = self.model.config.get_text_config()
+        head, decoder = self.model.get_output_embeddings(), getattr(self.model, "get_decoder", lambda: None)()
+        if getattr(conf, "final_logit_softcapping", None) or head is None or decoder is None:
+            return self.loss(self.forward(embeds, attention_mask, fns), labels, num_tokens)
+        checkpoint = self.cfg.gradient_checkpointing and torch.is_grad_enabled()
+        with self._layers_bound(fns, checkpoint):
+            hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask,
+                             position_ids=positions_from_mask(attention_mask, embeds), use_cache=False,
+                             return_dict=True).last_hidden_state  # (B, T, Dl)
+        targets = labels[:, 1:]  # (B, T-1)
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        logits = head(hidden[:, :-1][keep]).float()  # (M, W): the supervised positions only
+        if num_tokens is None:
+            return F.cross_entropy(logits, targets[keep])
+        return F.cross_entropy(logits, targets[keep], reduction="sum") / num_tokens
+
     # --------------------------------------------------------------------------------------------------- loss
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | float | None = None
@@ -218,15 +240,18 @@ class CausalLM(nn.Module):
 class LearnedTokens(nn.Module):
     """Tokens the VLM adds to a frozen LM without touching its embedding table (Flamingo's `<image>` marker; the
     table stays frozen and unresized): each has a learned embedding that replaces the table's lookup, initialised to
-    the mean of the LM's input embeddings. Parameter `<name>` per token."""
+    the row of the LM token `init_ids[name]` if given, else to the mean of the LM's input embeddings. Parameter
+    `<name>` per token."""
 
-    def __init__(self, lm: nn.Module, token_ids: dict[str, int]):
+    def __init__(self, lm: nn.Module, token_ids: dict[str, int], init_ids: dict[str, int] | None = None):
         super().__init__()
         self.token_ids = dict(token_ids)
+        init_ids = init_ids or {}
         if token_ids:
             mean = lm.embed(torch.arange(min(min(token_ids.values()), lm.vocab_size - 1))).mean(0)  # (De,)
             for name in token_ids:
-                self.register_parameter(name, nn.Parameter(mean.detach().clone()))
+                row = lm.embed(torch.tensor([init_ids[name]]))[0] if name in init_ids else mean  # (De,)
+                self.register_parameter(name, nn.Parameter(row.detach().clone()))
 
     def forward(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """embeds (B, T, De) of `input_ids` (B, T), the learned tokens' rows replaced."""

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from vlm.config import VLMConfig
+from vlm.feature_cache import FeatureCacheConfig, open_cache
 from vlm.fusion import build_fusion
 from vlm.lm import LearnedTokens, build_language_model, sample_next
 from vlm.tiling import ViewPositions
@@ -38,7 +39,7 @@ from vlm.visual import VisualTokens
 @dataclass
 class VLMOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor  # (B, T, W)
+    logits: torch.Tensor | None  # (B, T, W); None from forward(logits=False)
 
 
 class VLM(nn.Module):
@@ -52,11 +53,19 @@ class VLM(nn.Module):
         visual = VisualTokens(cfg, vision.dim)
         fusion = build_fusion(cfg.fusion, lm=lm, media_dim=visual.out_dim)
         learned = {"image": self.image_token_id} if fusion.learns_image_token else {}
+        init = {}
+        if cfg.lm.image_token_init is not None:
+            init["image"] = self.tokenizer.convert_tokens_to_ids(cfg.lm.image_token_init)
+            if init["image"] is None or init["image"] == self.tokenizer.unk_token_id or init["image"] >= lm.vocab_size:
+                raise ValueError(f"lm.image_token_init {cfg.lm.image_token_init!r} is not one token of the LM's "
+                                 f"vocabulary")
         # Registered in this order (the order of `parameters()`, so of the optimizer's groups and of the gradient norm
         # clipping sums): the learned tokens first, as format-1 models had their marker, so training is bit for bit
         # the same as theirs.
-        self.learned_tokens = LearnedTokens(lm, learned)
+        self.learned_tokens = LearnedTokens(lm, learned, init)
         self.vision, self.lm, self.visual, self.fusion = vision, lm, visual, fusion
+        # where a frozen encoder's features are cached on disk (a path config, no tensors; None: off); assignable
+        self.feature_cache: FeatureCacheConfig | None = FeatureCacheConfig.from_vision(cfg.vision)
         self.apply_freeze()
 
     # ----------------------------------------------------------------------------------------------- freezing
@@ -70,6 +79,7 @@ class VLM(nn.Module):
         frozen = self.frozen_parts()
         for part in (self.vision, self.lm, *self.visual.resamplers()):
             part.requires_grad_(part not in frozen)
+        self.learned_tokens.requires_grad_(not self.cfg.freeze.image_token)
         if self.visual.tile_resampler is None:  # shared body: the tile budget's own queries follow it
             self.visual.tile_queries.requires_grad_(not self.cfg.freeze.resamplers)
         self.train(self.training)
@@ -111,9 +121,14 @@ class VLM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, view_positions: ViewPositions,
                       views_per_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All views of the batch through one encoder call, then both resamplers (one batched call each).
-        Returns the visual tokens of the batch, image after image, (N, D) and tokens per image (I,)."""
+        Returns the visual tokens of the batch, image after image, (N, D) and tokens per image (I,).
+        With `self.feature_cache` and a frozen encoder, cached views skip the encoder (the same features)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze.vision):
-            feats, pmask = self.vision(pixel_values, pixel_mask)  # (V, P, Dv), (V, P)
+            if self.feature_cache is not None and self.cfg.freeze.vision:
+                cache = open_cache(self.feature_cache, self.vision, pixel_values.device)
+                feats, pmask = cache.encode(self.vision, pixel_values, pixel_mask)  # (V, P, Dv), (V, P)
+            else:
+                feats, pmask = self.vision(pixel_values, pixel_mask)  # (V, P, Dv), (V, P)
         tokens = self.visual(feats, pmask, view_positions)  # (N, D)
         lens = self.visual.budget.views(view_positions.is_tile.bool())  # (V,)
         image_of_view = torch.repeat_interleave(torch.arange(len(views_per_image), device=lens.device),
@@ -140,10 +155,19 @@ class VLM(nn.Module):
         return self.fusion.prepare(embeds, is_image, tokens, tokens_per_image, images_per_sample, cache_kv=cache_kv)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, batch: dict, num_tokens: torch.Tensor | float | None = None) -> VLMOutput:
-        """`num_tokens`: divide the summed token losses by it instead of taking their mean (`lm.loss`)."""
+    def forward(self, batch: dict, num_tokens: torch.Tensor | float | None = None, *, logits: bool = True
+                ) -> VLMOutput:
+        """`num_tokens`: divide the summed token losses by it instead of taking their mean (`lm.loss`). `logits=False`
+        (training): the loss alone, the LM's output layer run only where a loss is taken; `logits` is then None."""
         embeds, media = self.prepare_inputs(batch)  # (B, T, De)
-        logits = self.lm(embeds, batch.get("attention_mask"), media.layers() if media is not None else None)
+        fns = media.layers() if media is not None else None
+        if not logits:
+            if batch.get("labels") is None:
+                raise ValueError("forward(logits=False) needs labels: it returns only the loss")
+            loss = self.lm.supervised_loss(embeds, batch.get("attention_mask"), self.loss_labels(batch), fns,
+                                           num_tokens)
+            return VLMOutput(loss=loss, logits=None)
+        logits = self.lm(embeds, batch.get("attention_mask"), fns)
         loss = None
         if batch.get("labels") is not None:
             loss = self.lm.loss(logits, self.loss_labels(batch), num_tokens)

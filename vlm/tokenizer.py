@@ -4,7 +4,7 @@ one for LMs built from a config. Data, evaluation and the server build it withou
 from __future__ import annotations
 
 from vlm.config import LMConfig
-from vlm.pretrained import missing_weights
+from vlm.pretrained import missing_weights, resolve
 
 IGNORE_INDEX = -100  # labels: not supervised (prompts, system turns, image placeholders, padding)
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -21,7 +21,7 @@ def build_tokenizer(cfg: LMConfig):
         from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(source)
+            tok = AutoTokenizer.from_pretrained(resolve(source))
         except OSError as e:
             raise missing_weights("tokenizer", source, "model.lm.tokenizer (a local folder)", e) from e
     tok.add_special_tokens({"additional_special_tokens": [cfg.image_token]})

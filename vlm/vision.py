@@ -24,7 +24,7 @@ from torch import nn
 
 from vlm.config import VisionConfig
 from vlm.layers import checkpoint_blocks, enable_hf_checkpointing, find_layer_stack
-from vlm.pretrained import missing_weights
+from vlm.pretrained import missing_weights, resolve
 from vlm.tiling import patch_mask
 
 # Normalisation used when neither the config nor the backbone says otherwise.
@@ -155,7 +155,7 @@ def _build_timm(cfg: VisionConfig):
 
     kwargs = dict(num_classes=0, **cfg.model_kwargs)
     if cfg.pretrained and cfg.checkpoint_path:
-        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.checkpoint_path)
+        kwargs["pretrained_cfg_overlay"] = dict(file=resolve(cfg.checkpoint_path))
     try:
         try:
             model = timm.create_model(cfg.name, pretrained=cfg.pretrained, img_size=cfg.image_size, **kwargs)
@@ -183,7 +183,7 @@ def _build_hf(cfg: VisionConfig):
         conf = AutoConfig.for_model(**cfg.hf_config)
         model = AutoModel.from_config(conf)
     else:
-        source = cfg.checkpoint_path or cfg.name
+        source = resolve(cfg.checkpoint_path or cfg.name)
         try:
             conf = AutoConfig.from_pretrained(source)
             conf = getattr(conf, "vision_config", conf)  # a full CLIP/SigLIP checkpoint: keep the tower

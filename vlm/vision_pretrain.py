@@ -189,6 +189,7 @@ def cache_key(model, root: str | Path, cfg: VisionPretrainConfig, seed: int) -> 
     """Everything stage 0's result is a function of: the recipe version, the corpus, the encoder / resampler / tiling
     config, stage 0's own settings, the seed."""
     mc = model.cfg.to_dict()
+    mc["vision"] = {k: v for k, v in mc["vision"].items() if not k.startswith("feature_cache")}  # where, not what
     blob = {"version": VERSION, "corpus": read_manifest(root)["params"], "stage0": asdict(cfg), "seed": seed,
             "model": {k: mc[k] for k in ("vision", "global_resampler", "tile_resampler", "share_resamplers")},
             "tiling": {k: v for k, v in mc["tiling"].items() if k != "force_detail"}}  # stage 0 always tiles "high"

@@ -14,10 +14,13 @@ evaluation readers stop at them, since a benchmark's score must cover all of its
     docvqa      {split}_v1.0.json: data[] {questionId, question, image, answers, question_types} (image paths relative
                 to the JSON's folder)
     chartqa     {root}/{split}/{split}_{human,augmented}.json: [{imgname, query, label}] ({root}/{split}/png/)
+    easy_vqa    {root}/{split}/questions.json: [[question, answer, image_id]] ({root}/{split}/images/{image_id}.png);
+                root: the installed `easy_vqa` package's data folder unless given
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections import Counter
@@ -28,6 +31,16 @@ from typing import Any
 
 COCO_IMAGE_NAME = "COCO_{subtype}_{image_id:012d}.jpg"
 CHARTQA_SOURCES = ("human", "augmented")
+EASY_VQA_INSTALL = "pip install --no-deps easy-vqa==1.0"
+EASY_VQA_SPLITS = ("train", "test")
+# easy-VQA has no question types; its 13 answers (data/answers.txt) are shapes, colours or yes / no, and the type is
+# the answer's group.
+EASY_VQA_TYPES = {
+    "shape": ("circle", "rectangle", "triangle"),
+    "colour": ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow"),
+    "yes/no": ("yes", "no"),
+}
+EASY_VQA_TYPE_OF = {answer: qtype for qtype, answers in EASY_VQA_TYPES.items() for answer in answers}
 
 
 class BadEntry(Exception):
@@ -246,3 +259,43 @@ def chartqa(root: str | Path, split: str = "test", sources: Sequence[str] = CHAR
                      question_type=src, fields={"source": src, "index": j, "imgname": imgname, "split": split})
 
     return OfficialFile(items, parse, lambda item, i: f"{item[0]} #{item[1]}", files)
+
+
+def easy_vqa_root(root: str | Path | None = None) -> Path:
+    """easy-VQA's data folder (holding train/, test/, answers.txt): `root`, or the installed `easy_vqa` package's
+    own (found without importing it); a FileNotFoundError with the install command when it is not installed."""
+    if root is not None:
+        return Path(root)
+    spec = importlib.util.find_spec("easy_vqa")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"easy-VQA: the package easy_vqa is not installed; install it with "
+                                f"`{EASY_VQA_INSTALL}` (or give the path to a copy of its data folder)")
+    return Path(spec.origin).parent / "data"
+
+
+def easy_vqa(root: str | Path | None = None, split: str = "test") -> OfficialFile:
+    """easy-VQA (github.com/vzhou842/easy-VQA, the `easy-vqa` package): `{root}/{split}/questions.json`, a list of
+    [question, answer, image_id], images `{root}/{split}/images/{image_id}.png` (64x64). root: the installed
+    package's data folder unless given (`easy_vqa_root`). question_id: "{split}-{index in file}"; answers: the one
+    answer; question_type: the answer's group in `EASY_VQA_TYPES` (shape / colour / yes/no; another answer is
+    BadEntry "unknown_answer"). fields: image_id, split. info: root, the image folder."""
+    if split not in EASY_VQA_SPLITS:
+        raise ValueError(f"easy-VQA split {split!r} is not one of {EASY_VQA_SPLITS}")
+    root = easy_vqa_root(root)
+    path = root / split / "questions.json"
+    items = load_list(path, "easy-VQA questions")
+
+    def parse(item: Any, index: int) -> Entry:
+        if not isinstance(item, list) or len(item) != 3:
+            raise BadEntry("malformed_item", "expected [question, answer, image_id]")
+        question, answer, image_id = item
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            raise BadEntry("malformed_item", f"image_id {image_id!r} is not an integer")
+        qtype = EASY_VQA_TYPE_OF.get(answer.strip()) if isinstance(answer, str) else None
+        if qtype is None:
+            raise BadEntry("unknown_answer", f"answer {answer!r} is none of {sorted(EASY_VQA_TYPE_OF)}")
+        return Entry(f"{split}-{index}", question, f"{image_id}.png", [answer], answer, question_type=qtype,
+                     fields={"image_id": image_id, "split": split})
+
+    return OfficialFile(items, parse, lambda item, i: f"{split}-{i}", {"questions": file_info(path)},
+                        {"root": str(root.resolve()), "image_dir": str((root / split / "images").resolve())})

@@ -9,6 +9,8 @@
 - `relaxed_accuracy`: ChartQA, after google-research/pix2struct, pix2struct/metrics.py `relaxed_correctness`
   (two documented deviations).
 - `exact_match`: `.strip().lower()` equality against any answer.
+- `vqa_exact_match`: equality against any answer after the VQA evaluator's answer normalisation; for benchmarks with
+  a single reference answer (easy-VQA), where `vqa_accuracy` cannot score.
 
 `score(name, prediction, answers)` calls any of them uniformly. Every function scores one question; a benchmark
 number is the mean over questions (times 100 where the benchmark reports percentages).
@@ -269,6 +271,21 @@ def exact_match(prediction: str, answers: Sequence[str] | str) -> float:
     return float(any(pred == a.strip().lower() for a in answers))
 
 
+def vqa_exact_match(prediction: str, answers: Sequence[str] | str) -> float:
+    """1.0 if the prediction equals any answer once both are normalised as the official VQA evaluator normalises
+    differing answers (step 2 of `vqa_accuracy`: whitespace, punctuation, case, articles, number words,
+    contractions: "A circle." == "circle", "Two" == "2"), else 0.0 (also for no answers).
+
+    For a benchmark with one reference answer (easy-VQA): there `vqa_accuracy` is 0 whatever the prediction (its
+    leave-one-out leaves no answer to match), and the answer repeated ten times is matched without any normalisation
+    (all answers agree), i.e. exactly and case-sensitively."""
+    if isinstance(answers, str):
+        answers = [answers]
+    normalise = lambda text: _process_digit_article(_process_punctuation(_clean_whitespace(text)))
+    pred = normalise(prediction)
+    return float(any(pred == normalise(a) for a in answers))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,6 +295,7 @@ METRICS: dict[str, Callable[..., float]] = {
     "anls": anls,
     "relaxed_accuracy": relaxed_accuracy,
     "exact_match": exact_match,
+    "vqa_exact_match": vqa_exact_match,
 }
 
 

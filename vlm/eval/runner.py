@@ -167,10 +167,11 @@ def evaluate_config(cfg, load_model: Callable[[], torch.nn.Module], out_dir: str
     task (a configs/eval/<task>.yaml), data_root, batch_size, limit, num_workers, max_new_tokens. The questions are
     read before load_model() is called, so a wrong folder fails before a model is loaded."""
     task = Task.from_config(cfg.task)
-    root = Path(to_absolute_path(cfg.data_root))
+    root = None if cfg.data_root is None else Path(to_absolute_path(cfg.data_root))  # None: the reader's default
     questions = task.read(root)
-    print(f"task: {task.name} ({len(questions)} questions under {root})")
+    where = "the reader's default location" if root is None else root
+    print(f"task: {task.name} ({len(questions)} questions under {where})")
     model = load_model()
     return evaluate(model, Processor(model.cfg, model.tokenizer), questions, task=task, batch_size=cfg.batch_size,
                     limit=cfg.limit, out_dir=out_dir, num_workers=cfg.num_workers, max_new_tokens=cfg.max_new_tokens,
-                    info={**(info or {}), "data_root": str(root)})
+                    info={**(info or {}), "data_root": None if root is None else str(root)})

@@ -12,6 +12,7 @@ fails before a model is loaded, naming the first missing files.
     read_vizwiz      {image}
     read_docvqa      the "image" paths, relative to the JSON's folder
     read_chartqa     {root}/{split}/png/{imgname}
+    read_easy_vqa    {root}/{split}/images/{image_id}.png (root: the installed easy_vqa package's data folder)
 """
 
 from __future__ import annotations
@@ -114,9 +115,17 @@ def read_chartqa(root: str | Path, split: str = "test", sources: Sequence[str] =
     return _questions(entries, Path(root) / split / "png", lambda e: {"imgname": e.image})
 
 
+def read_easy_vqa(root: str | Path | None = None, split: str = "test") -> list[Question]:
+    """easy-VQA test (9,673 questions) or train: root is a copy of the `easy_vqa` package's data folder, by
+    default the installed package's own. question_id "{split}-{index in file}", answers the one answer,
+    question_type shape / colour / yes/no (the answer's group)."""
+    off = official.easy_vqa(root, split)
+    return _questions(off.entries(), Path(off.info["image_dir"]), lambda e: {"image_id": e.fields["image_id"]})
+
+
 READERS: dict[str, Callable[..., list[Question]]] = {
     "vqav2": read_vqav2, "okvqa": read_okvqa, "textvqa": read_textvqa, "vizwiz": read_vizwiz,
-    "docvqa": read_docvqa, "chartqa": read_chartqa,
+    "docvqa": read_docvqa, "chartqa": read_chartqa, "easy_vqa": read_easy_vqa,
 }
 
 
@@ -142,14 +151,15 @@ class Task:
     """One benchmark, as `configs/eval/<name>.yaml` describes it.
 
     reader: see `get_reader`. paths: the reader's path arguments, relative to data_root (absolute paths are kept;
-    null stays None, e.g. no annotations for test-dev). args: its other arguments. prompt: a format string over
+    null stays None, e.g. no annotations for test-dev); data_root null: every path is None, the reader finds its
+    files itself (easy-VQA: the installed package's). args: its other arguments. prompt: a format string over
     {question}. metric: a `vlm.eval.metrics.METRICS` name. submission: "vqa" writes the official VQA results file
     `[{"question_id", "answer"}]`. build_corpus: data_root is the synthetic corpus, built first if missing."""
 
     name: str
     reader: str | dict
     paths: dict[str, str | None] = field(default_factory=dict)
-    data_root: str = "."
+    data_root: str | None = "."
     args: dict = field(default_factory=dict)
     prompt: str = DEFAULT_PROMPT
     system: str | None = None
@@ -179,8 +189,9 @@ class Task:
         return cls(**cfg)
 
     def read(self, data_root: str | Path | None = None) -> list[Question]:
-        root = Path(self.data_root if data_root is None else data_root)
-        paths = {k: None if v is None else root / v for k, v in self.paths.items()}
+        """The questions, paths under `data_root` (default: the task's own; None: the reader's default files)."""
+        root = self.data_root if data_root is None else data_root
+        paths = {k: None if v is None or root is None else Path(root) / v for k, v in self.paths.items()}
         return get_reader(self.reader)(**paths, **self.args)
 
 

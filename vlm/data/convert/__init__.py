@@ -6,6 +6,7 @@ from vlm.data.convert.chartqa import CHARTQA_SOURCES, chartqa_source, convert_ch
 from vlm.data.convert.coco import coco_captions_source, convert_coco_captions
 from vlm.data.convert.docvqa import convert_docvqa, docvqa_source
 from vlm.data.convert.driver import DEFAULT_SHARD_SIZE, InjectedFailure, Sample, Skip, Source, run_conversion
+from vlm.data.convert.easy_vqa import EASY_VQA_INSTALL, EASY_VQA_SPLITS, convert_easy_vqa, easy_vqa_source
 from vlm.data.convert.images import ImageReader, prepare_image
 from vlm.data.convert.llava import convert_llava, llava_source
 from vlm.data.convert.records import CAPTION_PROMPT, make_key
@@ -13,8 +14,8 @@ from vlm.data.convert.textvqa import convert_textvqa, textvqa_source
 from vlm.data.convert.vqa import convert_vqa, vqa_source
 from vlm.images import ImageError
 
-__all__ = ["CAPTION_PROMPT", "CHARTQA_SOURCES", "DEFAULT_SHARD_SIZE", "ImageError", "ImageReader", "InjectedFailure",
-           "Sample", "Skip", "Source", "chartqa_source", "coco_captions_source", "convert_chartqa",
-           "convert_coco_captions", "convert_docvqa", "convert_llava", "convert_textvqa", "convert_vqa",
-           "docvqa_source", "llava_source", "make_key", "prepare_image", "run_conversion", "textvqa_source",
-           "vqa_source"]
+__all__ = ["CAPTION_PROMPT", "CHARTQA_SOURCES", "DEFAULT_SHARD_SIZE", "EASY_VQA_INSTALL", "EASY_VQA_SPLITS",
+           "ImageError", "ImageReader", "InjectedFailure", "Sample", "Skip", "Source", "chartqa_source",
+           "coco_captions_source", "convert_chartqa", "convert_coco_captions", "convert_docvqa", "convert_easy_vqa",
+           "convert_llava", "convert_textvqa", "convert_vqa", "docvqa_source", "easy_vqa_source", "llava_source",
+           "make_key", "prepare_image", "run_conversion", "textvqa_source", "vqa_source"]

@@ -1,5 +1,5 @@
-"""Converters from standard datasets (VQAv2 / OK-VQA, TextVQA, DocVQA, ChartQA, COCO captions, LLaVA-Instruct)
-into our WebDataset shards (the chat records of `vlm/data/format.py`, written by its `ShardSink`).
+"""Converters from standard datasets (VQAv2 / OK-VQA, TextVQA, DocVQA, ChartQA, easy-VQA, COCO captions,
+LLaVA-Instruct) into our WebDataset shards (the chat records of `vlm/data/format.py`, written by its `ShardSink`).
 
 Each `convert_<dataset>` (one module per dataset in this package) reads the dataset's official files (the benchmarks
 through `vlm.data.official`, which the evaluation readers share), builds a `Source` (the raw items in file order and
@@ -8,8 +8,9 @@ a per-item conversion) and hands it to `run_conversion`, the shared driver (this
 * one sample per item: a user turn [image_url "0.<ext>", text question], the target answer as the assistant turn
   (none when the split has no answers, e.g. VQAv2 test-dev) and `meta` with the ids, every reference answer and
   the question / answer types the dataset has, under the dataset's own field names. Keys are `<dataset>_<id>`
-  (ChartQA, which has no ids: `chartqa_<split>_<human|augmented>_<index in file>`; LLaVA, whose ids may repeat:
-  `<dataset>_<item index>_<id>`), anything but [A-Za-z0-9_-] replaced by '-'.
+  (ChartQA, which has no ids: `chartqa_<split>_<human|augmented>_<index in file>`; easy-VQA:
+  `easy_vqa_<split>-<index in file>`; LLaVA, whose ids may repeat: `<dataset>_<item index>_<id>`), anything but
+  [A-Za-z0-9_-] replaced by '-'.
 * images: the file's own bytes are stored unchanged when they are JPEG / PNG / WEBP (extension from the file name
   when it agrees with the content, else from the content); GIF / BMP / TIFF are re-encoded to PNG (after
   `load_image`: RGB, alpha over white). Every image is validated with `vlm.images.load_image` first.

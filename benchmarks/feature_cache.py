@@ -1,0 +1,106 @@
+"""A training step with the frozen encoder's features read from the disk cache (vlm/feature_cache.py) against the
+same step encoding every view, measured in the same run (a script, not a test).
+
+    .venv/bin/python benchmarks/feature_cache.py                    # CPU, 3 timed steps each: ~1-2 minutes on 2 cores
+    .venv/bin/python benchmarks/feature_cache.py --steps 10 --device cuda
+
+The model is the tiny default with a real-size frozen encoder: efficientnet_lite0 (timm, built without weights: the
+timing is the same) at 512 px, features from stride 16 (feature_info index 3: 32 x 32 x 112 per view). The batch is
+synthetic-corpus images (`vlm.data.synthetic.make_sample`, 1536-2048 px wide, detail=high: 9 views each) with their
+chats supervised. A step is forward + backward + AdamW step of what trains. The cached model gets one untimed step
+that fills the cache, then every step hits; uncached and cached steps alternate, so load from other processes hits
+both alike. The losses must be equal (a hit is bit-identical to encoding). Medians; read the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+import time
+
+import torch
+from PIL import Image
+
+from vlm.compose import model_config
+from vlm.data.synthetic import CorpusParams, make_sample
+from vlm.feature_cache import FeatureCacheConfig, open_cache
+from vlm.model import VLM
+from vlm.processor import Processor, collate, to_device
+from vlm.prompts import chat_pieces
+
+ENCODER = ["model.vision.name=efficientnet_lite0", "model.vision.image_size=512", "model.vision.feature_layer=3",
+           "~model.vision.model_kwargs", "model.vision.pretrained=false"]
+
+
+def corpus_batch(proc: Processor, images: int) -> dict:
+    """`images` training samples of the synthetic corpus, one image each, collated."""
+    samples = []
+    for i in range(images):
+        _, record, jpeg = make_sample(CorpusParams(), "train", i)
+        pieces, add_bos = chat_pieces(record["messages"], proc.tokenizer, proc.image_token)
+        samples.append(proc.encode_pieces(pieces, [Image.open(io.BytesIO(jpeg)).convert("RGB")], ["high"],
+                                          add_bos=add_bos))
+    return collate(samples, pad_token_id=proc.tokenizer.pad_token_id)
+
+
+def step(model: VLM, opt: torch.optim.Optimizer, batch: dict) -> tuple[float, float]:
+    """One training step: (seconds, loss)."""
+    sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    loss = model(batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - t, loss.item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2, help="images per batch (9 views each)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per mode")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--override", action="append", default=[], help="more Hydra overrides of the model config")
+    args = ap.parse_args()
+
+    cfg = model_config(*ENCODER, *args.override)
+    models = []
+    for _ in range(2):  # the same seed: the same weights; each its own optimizer state
+        torch.manual_seed(0)
+        model = VLM(cfg).to(args.device).train()
+        models.append((model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)))
+    plain, cached = models
+    assert plain[0].feature_cache is None, "unset VLM_CACHE for the uncached baseline"
+    proc = Processor(cfg, plain[0].tokenizer)
+    batch = to_device(corpus_batch(proc, args.images), args.device)
+    views = len(batch["pixel_values"])
+    with tempfile.TemporaryDirectory() as root:
+        cached[0].feature_cache = FeatureCacheConfig(root)
+        step(*plain, batch)  # warm-up (allocator, kernels)
+        fill = step(*cached, batch)[0]  # every view a miss: encoded and written
+        times, losses = {"uncached": [], "cached": []}, {"uncached": [], "cached": []}
+        for _ in range(args.steps):
+            for name, (model, opt) in (("uncached", plain), ("cached", cached)):
+                seconds, loss = step(model, opt, batch)
+                times[name].append(seconds)
+                losses[name].append(loss)
+        stats = open_cache(cached[0].feature_cache, cached[0].vision, batch["pixel_values"].device).stats
+        on_disk = stats.bytes
+    un, ca = statistics.median(times["uncached"]), statistics.median(times["cached"])
+    print(f"\n{args.images} synthetic-corpus images ({views} views of 512 px), efficientnet_lite0 stride 16 "
+          f"({cached[0].vision.tokens_per_view} x {cached[0].vision.dim} per view), {args.device}, "
+          f"{torch.get_num_threads()} torch threads, {args.steps} timed steps each\n")
+    print("| step (fwd+bwd+opt) | median s | vs uncached |\n|---|---|---|")
+    print(f"| uncached (encoder on every view) | {un:.3f} | 1.00x |")
+    print(f"| cached, filling (all misses, written) | {fill:.3f} | {un / fill:.2f}x |")
+    print(f"| cached (all hits) | {ca:.3f} | {un / ca:.2f}x |")
+    print(f"\ncache: {stats.hits} hits, {stats.misses} misses, {stats.corrupt} corrupt, {on_disk / 2**20:.1f} MiB "
+          f"({on_disk / max(stats.misses, 1) / 2**10:.0f} KiB per view); losses equal: "
+          f"{losses['uncached'] == losses['cached']}")
+
+
+if __name__ == "__main__":
+    main()
