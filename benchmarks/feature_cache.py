@@ -73,7 +73,7 @@ def main() -> None:
         model = VLM(cfg).to(args.device).train()
         models.append((model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)))
     plain, cached = models
-    assert plain[0].feature_cache is None, "unset VLM_CACHE for the uncached baseline"
+    assert plain[0].feature_cache is None, "unset VLM_FEATURE_CACHE for the uncached baseline"
     proc = Processor(cfg, plain[0].tokenizer)
     batch = to_device(corpus_batch(proc, args.images), args.device)
     views = len(batch["pixel_values"])

@@ -7,7 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.pop("VLM_CACHE", None)  # no test reads or writes a user's feature cache (vlm/feature_cache.py)
+os.environ.pop("VLM_FEATURE_CACHE", None)  # no test reads or writes a user's feature cache (vlm/feature_cache.py)
 
 
 @pytest.fixture(autouse=True)

@@ -160,7 +160,7 @@ def test_the_size_bound_holds_after_every_write_batch(tmp_path):
 
 
 def test_config_env_and_a_trained_encoder(tmp_path, monkeypatch):
-    """VisionConfig.feature_cache (+ max_gb, dtype), VLM_CACHE overriding it (a folder or off), and a trained
+    """VisionConfig.feature_cache (+ max_gb, dtype), VLM_FEATURE_CACHE overriding it (a folder or off), and a trained
     encoder never cached; float16 storage: hits equal misses, close to the float32 features."""
     cfg = VisionConfig(feature_cache="/a", feature_cache_max_gb=0.5, feature_cache_dtype="bfloat16")
     assert FeatureCacheConfig.from_vision(cfg, {}) == FeatureCacheConfig("/a", 2**29, "bfloat16")

@@ -346,3 +346,20 @@ def test_api_key(model):
         assert chat(good, msgs).choices
     finally:
         s.close()
+
+
+@pytest.mark.slow
+def test_real_pair_text_only_answers_paris():
+    """The real frozen pair behind the server (untrained: closed gates, so SmolLM2 itself): a text-only question at
+    temperature 0 through the official client gets SmolLM2's answer."""
+    from vlm.compose import model_config
+    from vlm.model import VLM
+
+    s = Served(create_app(ServeConfig(default_max_tokens=16), model=VLM(model_config(model="pair")).eval()))
+    try:
+        client = openai.OpenAI(base_url=s.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
+        out = client.chat.completions.create(model="vlm-tiny", temperature=0, max_tokens=16, messages=[
+            {"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in out.choices[0].message.content
+    finally:
+        s.close()

@@ -46,7 +46,7 @@ class VisionConfig:
     std: tuple[float, float, float] | None = None
     gradient_checkpointing: bool = False  # recompute block activations in backward (matters only when trained)
     # A disk cache of the frozen encoder's features per view (vlm/feature_cache.py): a folder, or None (off); the env
-    # VLM_CACHE overrides it (a folder, or "off" / "null"). Used only while model.freeze.vision is true.
+    # VLM_FEATURE_CACHE overrides it (a folder, or "off" / "null"). Used only while model.freeze.vision is true.
     feature_cache: str | None = None
     feature_cache_max_gb: float = 20.0  # the folder's size bound (all encoders in it); least recently used go first
     feature_cache_dtype: str | None = None  # None: the features' own dtype (bit-identical); "float16" / "bfloat16"

@@ -52,7 +52,9 @@ from vlm.config import VisionConfig
 
 log = logging.getLogger(__name__)
 
-ENV = "VLM_CACHE"  # a root folder overrides VisionConfig.feature_cache; "", "0", "off", "none", "null": no cache
+# a root folder overrides VisionConfig.feature_cache; "", "0", "off", "none", "null": no cache. Not VLM_CACHE (the
+# packaged weights' root, vlm/pretrained.py): this root is size-bounded and would evict whatever else it holds
+ENV = "VLM_FEATURE_CACHE"
 OFF = {"", "0", "off", "none", "null", "false"}
 FORMAT = 1
 MAGIC = b"VLMFEAT\0"
@@ -82,7 +84,8 @@ class FeatureCacheConfig:
 
     @classmethod
     def from_vision(cls, cfg: VisionConfig, environ: Mapping[str, str] = os.environ) -> FeatureCacheConfig | None:
-        """`VisionConfig.feature_cache` (+ `_max_gb`, `_dtype`), the env `VLM_CACHE` overriding the root; None: off."""
+        """`VisionConfig.feature_cache` (+ `_max_gb`, `_dtype`), the env `VLM_FEATURE_CACHE` overriding the root;
+        None: off."""
         root = environ.get(ENV, cfg.feature_cache)
         if root is None or str(root).strip().lower() in OFF:
             return None
