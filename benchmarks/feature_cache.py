@@ -3,10 +3,12 @@ same step encoding every view, measured in the same run (a script, not a test).
 
     .venv/bin/python benchmarks/feature_cache.py                    # CPU, 3 timed steps each: ~1-2 minutes on 2 cores
     .venv/bin/python benchmarks/feature_cache.py --steps 10 --device cuda
+    .venv/bin/python benchmarks/feature_cache.py --model pair      # the real frozen pair (configs/model/pair.yaml)
 
-The model is the tiny default with a real-size frozen encoder: efficientnet_lite0 (timm, built without weights: the
-timing is the same) at 512 px, features from stride 16 (feature_info index 3: 32 x 32 x 112 per view). The batch is
-synthetic-corpus images (`vlm.data.synthetic.make_sample`, 1536-2048 px wide, detail=high: 9 views each) with their
+The model (`--model tiny`, the default) is the tiny default with a real-size frozen encoder: efficientnet_lite0
+(timm, built without weights: the timing is the same) at 512 px, features from stride 16 (feature_info index 3:
+32 x 32 x 112 per view); `--model pair` is the real pair, its packaged encoder included. The batch is synthetic-corpus
+images (`vlm.data.synthetic.make_sample`, 1536-2048 px wide, detail=high: 9 views each) with their
 chats supervised. A step is forward + backward + AdamW step of what trains. The cached model gets one untimed step
 that fills the cache, then every step hits; uncached and cached steps alternate, so load from other processes hits
 both alike. The losses must be equal (a hit is bit-identical to encoding). Medians; read the ratio.
@@ -50,7 +52,7 @@ def step(model: VLM, opt: torch.optim.Optimizer, batch: dict) -> tuple[float, fl
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
     sync()
     t = time.perf_counter()
-    loss = model(batch).loss
+    loss = model(batch, logits=False).loss  # as training runs it
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -63,10 +65,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2, help="images per batch (9 views each)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per mode")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="tiny", help="configs/model/<name>.yaml; pair: its own real encoder")
     ap.add_argument("--override", action="append", default=[], help="more Hydra overrides of the model config")
     args = ap.parse_args()
 
-    cfg = model_config(*ENCODER, *args.override)
+    cfg = model_config(*(ENCODER if args.model == "tiny" else []), *args.override, model=args.model)
     models = []
     for _ in range(2):  # the same seed: the same weights; each its own optimizer state
         torch.manual_seed(0)
@@ -90,7 +93,8 @@ def main() -> None:
         stats = open_cache(cached[0].feature_cache, cached[0].vision, batch["pixel_values"].device).stats
         on_disk = stats.bytes
     un, ca = statistics.median(times["uncached"]), statistics.median(times["cached"])
-    print(f"\n{args.images} synthetic-corpus images ({views} views of 512 px), efficientnet_lite0 stride 16 "
+    print(f"\nmodel={args.model}, {args.images} synthetic-corpus images ({views} views of 512 px), "
+          f"efficientnet_lite0 stride 16 "
           f"({cached[0].vision.tokens_per_view} x {cached[0].vision.dim} per view), {args.device}, "
           f"{torch.get_num_threads()} torch threads, {args.steps} timed steps each\n")
     print("| step (fwd+bwd+opt) | median s | vs uncached |\n|---|---|---|")
