@@ -1,5 +1,5 @@
-"""Train a VLM. `python train.py` builds the synthetic corpus if missing, trains the tiny default on CPU and
-saves `checkpoint.pt` in the run folder.
+"""Train a VLM. `python train.py` builds the synthetic corpus if missing, trains the embedded default (the real
+frozen pair: configs/model/pair.yaml) on CPU and saves `checkpoint.pt` in the run folder.
 
 Thin Hydra entry point: compose the config, instantiate what it names (model config, optimizer and schedule
 partials, trainer, logger, data stream), fit, save. A run folder that holds `checkpoints/last.ckpt` is resumed
@@ -40,7 +40,8 @@ def main(cfg: DictConfig) -> None:
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=run_callbacks(cfg, run_dir),
                           enable_checkpointing=bool(cfg.checkpoint.every_n_steps))
     module = VLMLitModule(instantiate(cfg.model), optimizer=instantiate(cfg.optim), schedule=instantiate(cfg.schedule),
-                          max_steps=trainer.max_steps, mfu_peak_tflops=cfg.mfu_peak_tflops, run_config=run_config)
+                          max_steps=trainer.max_steps, mfu_peak_tflops=cfg.mfu_peak_tflops, run_config=run_config,
+                          gate_lr_scale=cfg.get("gate_lr_scale", 1.0))
     stage0 = None
     if cfg.get("vision_pretrain") is not None and not resume:  # a resumed run's checkpoint holds the pretrained weights
         stage0 = ensure_pretrained_vision(module.model, root, VisionPretrainConfig(**cfg.vision_pretrain), cfg.seed)

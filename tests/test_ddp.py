@@ -60,7 +60,8 @@ def test_step_tokens_counts_each_optimizer_step_ahead():
 def _train(tmp: Path, name: str, *overrides: str) -> tuple[dict, Path]:
     """Run train.py; returns its checkpoint and its run folder."""
     run = subprocess.run([sys.executable, "train.py", f"data.root={tmp}/synthetic", f"run_root={tmp}/{name}", *CORPUS,
-                          f"trainer.max_steps={STEPS}", "logger=none", "vision_pretrain=null", *overrides],
+                          f"trainer.max_steps={STEPS}", "logger=none", "experiment=tiny_random", "vision_pretrain=null",
+                          *overrides],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     (run_dir,) = (tmp / name).iterdir()  # every rank in one run folder

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_train_then_eval(tmp_path):
     corpus = ["+data.corpus.n_train=16", "+data.corpus.n_val=0", "+data.corpus.n_test=6", "+data.corpus.shard_size=4"]
     common = [f"data.root={tmp_path}/synthetic", f"run_root={tmp_path}/outputs", *corpus]
-    train = subprocess.run([sys.executable, "train.py", *common, "trainer.max_steps=2", "vision_pretrain=null",
+    train = subprocess.run([sys.executable, "train.py", *common, "experiment=tiny_random", "trainer.max_steps=2",
+                            "vision_pretrain=null",
                             "data.batch_size=2", "data.num_workers=0"], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]

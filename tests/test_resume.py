@@ -24,7 +24,8 @@ EVERY, STEPS = 3, 9  # checkpoints at steps 3, 6 and 9; killed after the first; 
 
 
 def _train(corpus: Path, run_dir: Path, workers: int, accumulate: int) -> subprocess.Popen:
-    args = [sys.executable, "train.py", f"data.root={corpus}", f"hydra.run.dir={run_dir}", "vision_pretrain=null",
+    args = [sys.executable, "train.py", f"data.root={corpus}", f"hydra.run.dir={run_dir}", "experiment=tiny_random",
+            "vision_pretrain=null",
             *(f"+data.corpus.{k}={v}" for k, v in CORPUS.items()),
             f"trainer.max_steps={STEPS}", f"checkpoint.every_n_steps={EVERY}", "log_samples=true", "logger=none",
             f"data.num_workers={workers}", f"trainer.accumulate_grad_batches={accumulate}", "data.batch_size=2",

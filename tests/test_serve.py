@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 openai = pytest.importorskip("openai")
@@ -23,6 +29,7 @@ from vlm.serve.app import ServeConfig, create_app, load_model  # noqa: E402
 from vlm.tiling import plan_tiles, visual_tokens  # noqa: E402
 
 TIMEOUT = 60
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -363,3 +370,48 @@ def test_real_pair_text_only_answers_paris():
         assert "Paris" in out.choices[0].message.content
     finally:
         s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VLM_DEFAULT_RUN"),
+                    reason="VLM_DEFAULT_RUN=<the checkpoint.pt of a default run> (make demo writes one) not set")
+def test_default_run_behind_the_server_answers_paris_and_the_corner_words(tmp_path):
+    """`python -m vlm.serve checkpoint=<the default run>` and the official client: a text-only question at temperature
+    0 gets SmolLM2's Paris (text before any image is the frozen LLM exactly), and each corner of a fresh synthetic
+    image (a corpus seed no split uses) is read back. Needs a trained run, so opt-in: VLM_DEFAULT_RUN."""
+    import numpy as np
+
+    from vlm.data.synthetic import POSITIONS, QUESTIONS, CorpusParams, render_scene
+
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        corpus = compose("train").data.corpus
+    image, scene = render_scene(CorpusParams(**corpus, seed=987_654), np.random.default_rng(987_654))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "vlm.serve", f"checkpoint={os.environ['VLM_DEFAULT_RUN']}",
+                             f"port={port}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=TIMEOUT,
+                               max_retries=0)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                name = client.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+                time.sleep(0.5)
+        ask = lambda content: client.chat.completions.create(model=name, temperature=0, max_tokens=16, messages=[
+            {"role": "user", "content": content}]).choices[0].message.content
+        assert "Paris" in ask("What is the capital of France?")
+        read = {pos: ask([{"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+                          {"type": "text", "text": QUESTIONS["text"].format(position=pos)}]).strip().rstrip(".")
+                for pos in POSITIONS}
+        assert read == {pos: scene.texts[pos][0] for pos in POSITIONS}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -21,7 +21,8 @@ from vlm.vision_pretrain import (
 
 CORPUS = dict(n_train=10, n_val=0, n_test=0, seed=5, shard_size=5, clear_text_tiles=True, aspect_range=(2.0, 2.0),
               text_region=(0.3, 0.3), text_cap_px=24)
-MODEL = ()  # the tiny default: a tiny ResNet, its stage-0 resamplers frozen for the VLM stage
+MODEL = ()  # the tiny model: a tiny ResNet, its stage-0 resamplers frozen for the VLM stage
+TRAIN = ("experiment=tiny_random",)  # train.py's recipe of that model (stage 0 included)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_train_py_runs_stage0_then_freezes_the_pretrained_encoder(corpus, tmp_pa
     value = lambda v: str(list(v) if isinstance(v, tuple) else v).replace(" ", "").replace("True", "true")
     corpus_args = [f"++data.corpus.{k}={value(v)}" for k, v in CORPUS.items()]
     out = subprocess.run([sys.executable, "train.py", f"data.root={corpus}", f"hydra.run.dir={run}", *corpus_args,
-                          *MODEL, "vision_pretrain.images=10", "vision_pretrain.held_out=2",
+                          *TRAIN, "vision_pretrain.images=10", "vision_pretrain.held_out=2",
                           "vision_pretrain.steps=2", "vision_pretrain.tiles_per_step=4", "vision_pretrain.workers=1",
                           "trainer.max_steps=2", "data.batch_size=2", "data.num_workers=0", "logger=none"],
                          cwd=repo, capture_output=True, text=True, timeout=300)

@@ -51,18 +51,25 @@ def quiet_lightning() -> None:
         logging.getLogger(name).addFilter(_NO_ADVERTS)
 
 
-NO_DECAY = ("bias", "norm", "gate", "embedding", "queries", "latents", "learned_tokens")
+NO_DECAY = ("bias", "norm", "embedding", "queries", "latents", "learned_tokens")
+GATES = ("attn_gate", "ff_gate")  # the fusion's tanh gates (vlm/fusion.py); not an LLM's MLP gate_proj
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
-    """Trainable parameters in two groups: with the optimizer's weight decay, and without it (biases, norms, gates,
-    embeddings, learned queries and the image marker)."""
-    decay, no_decay = [], []
+    """Trainable parameters in three groups: with the optimizer's weight decay; without it (biases, norms,
+    embeddings, learned queries and the image marker); the fusion gates (no decay, their own LR scale:
+    `VLMLitModule(gate_lr_scale=...)`). A group may be empty."""
+    decay, no_decay, gates = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        lower = name.lower()
+        if name.endswith(GATES):
+            gates.append(p)
+        else:
+            (no_decay if p.ndim < 2 or any(k in lower for k in NO_DECAY) else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0},
+            {"params": gates, "weight_decay": 0.0, "name": "gates"}]
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -81,17 +88,19 @@ class VLMLitModule(L.LightningModule):
     """optimizer: a partial taking the parameter groups (`configs/optim/*.yaml`); schedule: a partial taking the
     optimizer step and `total` (the run's max_steps) to the LR factor (`configs/schedule/*.yaml`);
     mfu_peak_tflops: per-device peak for the MFU metric (None: measured at the start of training);
-    run_config: the run's resolved config, stored in training checkpoints."""
+    run_config: the run's resolved config, stored in training checkpoints; gate_lr_scale: the fusion gates' LR over
+    the optimizer's (Flamingo opens its tanh gates from 0 over a long run; a short run opens them faster)."""
 
     def __init__(self, cfg: VLMConfig, *, optimizer: Callable = DEFAULT_OPTIMIZER,
                  schedule: Callable[..., float] = DEFAULT_SCHEDULE, max_steps: int = 1000,
-                 mfu_peak_tflops: float | None = None, run_config: dict | None = None):
+                 mfu_peak_tflops: float | None = None, run_config: dict | None = None, gate_lr_scale: float = 1.0):
         super().__init__()
         quiet_lightning()
         self.cfg = cfg
         self.model = VLM(cfg)
         self.make_optimizer, self.lr_schedule, self.max_steps = optimizer, schedule, max_steps
         self.mfu_peak_tflops, self.run_config = mfu_peak_tflops, run_config
+        self.gate_lr_scale = gate_lr_scale
         self.stream_position = StreamPosition()  # what the training steps consumed (not what workers prefetched)
         self.meter = StepMeter()
         self.peak_flops = None
@@ -152,6 +161,9 @@ class VLMLitModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = self.make_optimizer(param_groups(self.model))
+        for group in opt.param_groups:  # before the scheduler records each group's initial LR
+            if group.get("name") == "gates":
+                group["lr"] *= self.gate_lr_scale
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_schedule(step, total=self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -13,6 +13,7 @@ penultimate by default, at 512 px with interpolated position embeddings, as LLaV
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from functools import partial
@@ -131,6 +132,13 @@ class VisionEncoder(nn.Module):
         x = x.to(next(self.backbone.parameters()).dtype)
         if self._channels_last:  # timm convnets on channels-last: 2x faster convolutions on CPU (tiny default)
             x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.cfg.autocast, x.device.type):
+            feats, grid, valid = self._encode(x, pixel_mask)  # (V, P, Dv)
+        feats = feats.to(x.dtype)  # autocast's dtype back to the weights' (downstream runs in those)
+        return feats, valid if valid is not None else patch_mask(pixel_mask, grid)
+
+    def _encode(self, x: torch.Tensor, pixel_mask: torch.Tensor):
+        """Normalised views (V, C, S, S) -> features (V, P, Dv), the patch grid and the ViT patch mask (or None)."""
         if self.cfg.backend == "timm":
             kwargs, valid = {}, None
             if self._grid is not None:
@@ -147,7 +155,16 @@ class VisionEncoder(nn.Module):
             feats = out.hidden_states[self._hf_index][:, self._hf_prefix:]  # (V, P, Dv), class token dropped
             side = int(feats.shape[1] ** 0.5)
             grid, valid = (side, side), None
-        return feats, valid if valid is not None else patch_mask(pixel_mask, grid)
+        return feats, grid, valid
+
+
+def _autocast(dtype: str | None, device_type: str):
+    """`VisionConfig.autocast` as a context: nothing for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"vision autocast must be null, bfloat16 or float16, got {dtype!r}")
+    return torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
 def _build_timm(cfg: VisionConfig):
