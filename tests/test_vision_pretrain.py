@@ -1,4 +1,4 @@
-"""Stage 0 of the tiny default (vlm/vision_pretrain.py): the labels come from the right views, training moves the
+"""Stage 0 (vlm/vision_pretrain.py), on the tiny random model: the labels come from the right views, training moves the
 encoder and the resamplers, the result is cached per configuration and loads into a fresh model."""
 
 import numpy as np
@@ -15,6 +15,7 @@ from vlm.vision_pretrain import (
     cache_key,
     corner_views,
     ensure_pretrained_vision,
+    pretrain_vision,
     read_examples,
     stage_state,
 )
@@ -88,6 +89,28 @@ def test_stage0_trains_caches_and_loads(corpus):
     assert cache_key(other, corpus, cfg, 0) != cache_key(model, corpus, cfg, 0)
     cached = VLM(model_config(*MODEL, "++model.vision.feature_cache=/features"))  # where features go, not what
     assert cache_key(cached, corpus, cfg, 0) == cache_key(model, corpus, cfg, 0)
+
+
+def test_stage0_over_a_frozen_encoder_trains_only_the_resamplers(corpus, tmp_path):
+    """`train_encoder=False` (a pretrained encoder, the real pair's recipe): the encoder's weights stay bit for bit,
+    both resamplers move, every view is encoded once through the model's feature cache, and the setting is part of
+    the cache key."""
+    cfg = VisionPretrainConfig(images=6, held_out=2, steps=3, tiles_per_step=4, workers=1, train_encoder=False)
+    torch.manual_seed(0)
+    model = VLM(model_config(*MODEL, f"++model.vision.feature_cache={tmp_path / 'features'}"))
+    before = {k: v.clone() for k, v in stage_state(model).items()}
+    calls = []
+    model.vision.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    metrics = pretrain_vision(model, read_examples(corpus, 6, model.cfg.tiling, 1, model.vision.resize_views), cfg)
+    assert {"held_out_word_acc", "held_out_colour_acc", "held_out_shape_acc"} <= set(metrics)
+    after = stage_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("vision."))
+    for prefix in ("visual.tile_resampler.", "visual.global_resampler."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+    assert sum(calls) == 6 * 5  # 4 corner tiles + 1 global view per image, once (the steps reuse the features)
+    assert len(list((tmp_path / "features").rglob("*"))) > 30  # ... through the feature cache
+    trained = VisionPretrainConfig(images=6, held_out=2, steps=3, tiles_per_step=4, workers=1)
+    assert cache_key(model, corpus, cfg, 0) != cache_key(model, corpus, trained, 0)
 
 
 def test_train_py_runs_stage0_then_freezes_the_pretrained_encoder(corpus, tmp_path):

@@ -41,6 +41,7 @@ from vlm.config import TilingConfig
 from vlm.data.format import image_refs
 from vlm.data.pipeline import read_tar
 from vlm.data.synthetic import COLOURS, POSITIONS, QUESTIONS, SHAPES, read_manifest
+from vlm.feature_cache import open_cache
 from vlm.images import load_image
 from vlm.tiling import tile_image
 
@@ -58,6 +59,9 @@ class VisionPretrainConfig:
     tiles_per_step: int = 32  # corner tiles per step; plus half as many global views, in the same encoder call
     lr: float = 2e-3
     workers: int = 2  # threads decoding and tiling the images
+    # False: the encoder is pretrained and stays frozen (the real pair): its features are computed once (through the
+    # model's feature cache when it has one) and only the resamplers train on them.
+    train_encoder: bool = True
 
 
 def corner_views(grid: tuple[int, int]) -> dict[str, int]:
@@ -124,19 +128,38 @@ class Heads(nn.Module):
         self.colour, self.shape = nn.Linear(dim, len(COLOURS)), nn.Linear(dim, len(SHAPES))
 
 
-def _logits(model, heads: Heads, tiles, tile_masks, globals_, global_masks):
-    """One encoder call over tiles + global views (the VLM's BatchNorm statistics see both, as in training).
+def _logits(model, heads: Heads, tiles, tile_masks, globals_, global_masks, features=None):
+    """One encoder call over tiles + global views (the VLM's BatchNorm statistics see both, as in training), or
+    `features`: their (feats (V, P, Dv), patch mask (V, P)) computed before (a frozen encoder).
     Word logits from the mean of a tile's tokens and from its class token alone (one query: it finds the word fast,
     which is what trains the encoder to read); colour and shape from the mean of the global view's tokens."""
     n = len(tiles)
-    feats, pmask = model.vision(torch.cat([tiles, globals_]), torch.cat([tile_masks, global_masks]))  # (V, P, Dv)
+    if features is None:
+        features = model.vision(torch.cat([tiles, globals_]), torch.cat([tile_masks, global_masks]))
+    feats, pmask = features  # (V, P, Dv), (V, P)
     t = model.visual.resample(feats[:n], pmask[:n], tiles=True)  # (n, 129, D)
     z = model.visual.resample(feats[n:], pmask[n:], tiles=False).mean(1)  # (m, 65, D) -> (m, D)
     return heads.word(t.mean(1)), heads.word_cls(t[:, 0]), heads.colour(z), heads.shape(z)  # (n, A) x 2, (m, 5), (m, 3)
 
 
+def frozen_features(model, pixels: torch.Tensor, masks: torch.Tensor, chunk: int = 32
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, 3, S, S) views -> the frozen encoder's (feats (V, P, Dv), patch mask (V, P)), `chunk` views a call,
+    through the model's feature cache when it has one (so the VLM stage's first epoch finds these views there)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pixels), chunk):
+            px, pm = pixels[i:i + chunk], masks[i:i + chunk]
+            if model.feature_cache is not None:
+                out.append(open_cache(model.feature_cache, model.vision, px.device).encode(model.vision, px, pm))
+            else:
+                out.append(model.vision(px, pm))
+    return torch.cat([f for f, _ in out]), torch.cat([m for _, m in out])  # (V, P, Dv), (V, P)
+
+
 def pretrain_vision(model, examples: dict[str, torch.Tensor], cfg: VisionPretrainConfig, seed: int = 0) -> dict:
-    """Train `model.vision` and its resamplers in place on `examples`; returns held-out accuracies."""
+    """Train `model.vision` (unless `cfg.train_encoder` is false) and its resamplers in place on `examples`; returns
+    held-out accuracies."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     n_img = len(examples["globals"])
@@ -146,7 +169,15 @@ def pretrain_vision(model, examples: dict[str, torch.Tensor], cfg: VisionPretrai
     visual = model.visual
     heads = Heads(visual.out_dim, int(examples["words"].max()) + 1)
     shared = visual.tile_resampler is None  # one body: the tile budget's own queries train with it
-    parts = [model.vision, visual.global_resampler, heads] + ([] if shared else [visual.tile_resampler])
+    parts = ([model.vision] if cfg.train_encoder else []) + [visual.global_resampler, heads] + (
+        [] if shared else [visual.tile_resampler])
+    if not cfg.train_encoder:  # every view once: the steps then run the resamplers alone
+        model.vision.eval()
+        tile_f, tile_m = frozen_features(model, examples["tiles"], examples["tile_masks"])  # (4E, P, Dv), (4E, P)
+        glob_f, glob_m = frozen_features(model, examples["globals"], examples["global_masks"])  # (E, P, Dv), (E, P)
+        features = lambda ti, gi: (torch.cat([tile_f[ti], glob_f[gi]]), torch.cat([tile_m[ti], glob_m[gi]]))
+    else:
+        features = lambda ti, gi: None
     params = [p for m in parts for p in m.parameters()] + ([visual.tile_queries] if shared else [])
     for p in params:
         p.requires_grad_(True)
@@ -158,7 +189,7 @@ def pretrain_vision(model, examples: dict[str, torch.Tensor], cfg: VisionPretrai
         ti = torch.tensor(rng.sample(train_tiles, min(cfg.tiles_per_step, len(train_tiles))))  # (n,)
         gi = torch.tensor(rng.sample(train_images, min(cfg.tiles_per_step // 2, len(train_images))))  # (m,)
         w, wc, c, s = _logits(model, heads, examples["tiles"][ti], examples["tile_masks"][ti], examples["globals"][gi],
-                              examples["global_masks"][gi])
+                              examples["global_masks"][gi], features(ti, gi))
         words = examples["words"][ti]
         loss = (F.cross_entropy(w, words) + F.cross_entropy(wc, words) + F.cross_entropy(c, examples["colours"][gi])
                 + F.cross_entropy(s, examples["shapes"][gi]))
@@ -171,7 +202,8 @@ def pretrain_vision(model, examples: dict[str, torch.Tensor], cfg: VisionPretrai
         m.eval()
     with torch.no_grad():
         w, wc, c, s = _logits(model, heads, examples["tiles"][:4 * h], examples["tile_masks"][:4 * h],
-                          examples["globals"][:h], examples["global_masks"][:h])
+                              examples["globals"][:h], examples["global_masks"][:h],
+                              features(torch.arange(4 * h), torch.arange(h)))
     acc = lambda logits, y: round(100 * (logits.argmax(-1) == y).float().mean().item(), 1)
     model.train()
     model.apply_freeze()  # stage 1 decides what stays trainable
