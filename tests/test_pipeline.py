@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlm.compose import model_config
 from vlm.data.format import ShardSink, encode_image
-from vlm.data.pipeline import ShardStream, SkipCounter, StreamPosition, collate_stream
+from vlm.data.pipeline import ShardStream, SkipCounter, StreamPosition, collate_stream, list_shards
 from vlm.processor import Processor
 from vlm.tiling import plan_tiles, visual_tokens
 from vlm.tokenizer import build_tokenizer
@@ -242,3 +242,15 @@ def test_converter_to_shards_to_batch(tmp_path, fusion):
     tok = proc.tokenizer
     answers = [tok.decode(row[row != -100]) for row in batch["labels"]]
     assert answers == [f" thing {m['image_id']}</s>" for m in batch["meta"]]
+
+
+def test_list_shards_takes_every_spelling_of_a_source(tmp_path):
+    """A folder, a glob, a brace pattern, a list, and the list Hydra gives for `data.train=[a,b]` (a ListConfig)."""
+    from omegaconf import OmegaConf
+
+    paths = [str(tmp_path / f"s-{i:02d}.tar") for i in range(3)]
+    for p in paths:
+        open(p, "wb").close()
+    assert list_shards(tmp_path) == list_shards(str(tmp_path / "s-*.tar")) == paths
+    assert list_shards(str(tmp_path / "s-{00..01}.tar")) == paths[:2]
+    assert list_shards(paths[1:]) == list_shards(OmegaConf.create({"train": paths[1:]}).train) == paths[1:]

@@ -31,13 +31,14 @@ Two ways to split the data between ranks and workers (`split`):
 from __future__ import annotations
 
 import functools
+import glob
 import itertools
 import json
 import logging
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 def list_shards(source: str | Path | list) -> list[str]:
     """A directory (all *.tar inside), a glob, a brace pattern ("a-{000..009}.tar") or a list -> sorted paths."""
-    if isinstance(source, (list, tuple)):
+    if isinstance(source, Sequence) and not isinstance(source, str):  # a list, tuple or Hydra's ListConfig
         return [str(s) for s in source]
     source = str(source)
     path = Path(source)
@@ -66,7 +67,7 @@ def list_shards(source: str | Path | list) -> list[str]:
 
         shards = list(braceexpand.braceexpand(source))
     else:
-        shards = sorted(str(p) for p in Path().glob(source)) if any(c in source for c in "*?[") else [source]
+        shards = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]  # absolute ones too
     if not shards:
         raise FileNotFoundError(f"no shards found at {source}")
     return shards
