@@ -1,6 +1,6 @@
 """What the model tests build: the tiny random model (`vlm.compose.model_config()`; trained by
-`python train.py experiment=tiny_random`) with overrides, real photos from scikit-image, and a mixed batch (several images per sample, different tile counts and
-details, a text-only sample)."""
+`python train.py experiment=tiny_random`) with overrides, real photos from scikit-image, and a mixed batch
+(several images per sample, different tile counts and details, a text-only sample)."""
 
 from __future__ import annotations
 

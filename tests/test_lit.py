@@ -56,8 +56,8 @@ def fit(request, corpus, tmp_path_factory):
 
 def _fit(corpus, tmp_path, *overrides: str):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=tiny_random", f"trainer.max_steps={STEPS}", f"trainer.accumulate_grad_batches={ACCUMULATE}",
-                                          *overrides])
+        cfg = compose("train", overrides=["experiment=tiny_random", f"trainer.max_steps={STEPS}",
+                                          f"trainer.accumulate_grad_batches={ACCUMULATE}", *overrides])
     torch.manual_seed(0)
     module = VLMLitModule(instantiate(cfg.model), optimizer=instantiate(cfg.optim), schedule=instantiate(cfg.schedule),
                           max_steps=STEPS, mfu_peak_tflops=cfg.mfu_peak_tflops, run_config={"seed": cfg.seed})
