@@ -121,3 +121,22 @@ def test_frozen_encoder_runs_without_grad():
     model.train()
     model(mixed_batch(proc)).loss.backward()
     assert not feats[0].requires_grad and not model.vision.training
+
+
+def test_encoder_autocast_gives_float32_features_close_to_float32():
+    """`vision.autocast=bfloat16` (the real pair's encoder setting): the same features within bf16 rounding, returned
+    in the weights' dtype; without it nothing changes; an unknown dtype is refused."""
+    model, proc = build()
+    batch = collate([proc.encode("<image> describe", [photo(1024, 512)])], pad_token_id=proc.tokenizer.pad_token_id)
+    args = batch["pixel_values"], batch["pixel_mask"]
+    with torch.no_grad():
+        ref, ref_mask = model.vision(*args)
+        model.vision.cfg.autocast = "bfloat16"
+        bf, bf_mask = model.vision(*args)
+        model.vision.cfg.autocast = "int8"
+        with pytest.raises(ValueError, match="autocast"):
+            model.vision(*args)
+    assert ref.dtype == bf.dtype == torch.float32 and torch.equal(ref_mask, bf_mask)
+    assert not torch.equal(ref, bf)  # it did run in bf16
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), bf.flatten(), dim=0) > 0.999
+    assert (ref - bf).norm() / ref.norm() < 0.05

@@ -134,7 +134,8 @@ class VisionEncoder(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(self.cfg.autocast, x.device.type):
             feats, grid, valid = self._encode(x, pixel_mask)  # (V, P, Dv)
-        feats = feats.to(x.dtype)  # autocast's dtype back to the weights' (downstream runs in those)
+        if self.cfg.autocast is not None:
+            feats = feats.to(x.dtype)  # autocast's dtype back to the weights' (downstream runs in those)
         return feats, valid if valid is not None else patch_mask(pixel_mask, grid)
 
     def _encode(self, x: torch.Tensor, pixel_mask: torch.Tensor):
