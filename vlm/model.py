@@ -118,17 +118,21 @@ class VLM(nn.Module):
         return self.load_state_dict(state, strict=False)
 
     # ------------------------------------------------------------------------------------------------ vision
+    def encode_views(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (V, C, S, S) -> encoder features (V, P, Dv) and patch mask (V, P): from `self.feature_cache` when the
+        encoder is frozen and a cache is set (a hit is bit-identical), else the encoder (no grad when frozen)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze.vision):
+            if self.feature_cache is not None and self.cfg.freeze.vision:
+                cache = open_cache(self.feature_cache, self.vision, pixel_values.device)
+                return cache.encode(self.vision, pixel_values, pixel_mask)  # (V, P, Dv), (V, P)
+            return self.vision(pixel_values, pixel_mask)  # (V, P, Dv), (V, P)
+
     def encode_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, view_positions: ViewPositions,
                       views_per_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All views of the batch through one encoder call, then both resamplers (one batched call each).
         Returns the visual tokens of the batch, image after image, (N, D) and tokens per image (I,).
         With `self.feature_cache` and a frozen encoder, cached views skip the encoder (the same features)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze.vision):
-            if self.feature_cache is not None and self.cfg.freeze.vision:
-                cache = open_cache(self.feature_cache, self.vision, pixel_values.device)
-                feats, pmask = cache.encode(self.vision, pixel_values, pixel_mask)  # (V, P, Dv), (V, P)
-            else:
-                feats, pmask = self.vision(pixel_values, pixel_mask)  # (V, P, Dv), (V, P)
+        feats, pmask = self.encode_views(pixel_values, pixel_mask)  # (V, P, Dv), (V, P)
         tokens = self.visual(feats, pmask, view_positions)  # (N, D)
         lens = self.visual.budget.views(view_positions.is_tile.bool())  # (V,)
         image_of_view = torch.repeat_interleave(torch.arange(len(views_per_image), device=lens.device),

@@ -41,7 +41,6 @@ from vlm.config import TilingConfig
 from vlm.data.format import image_refs
 from vlm.data.pipeline import read_tar
 from vlm.data.synthetic import COLOURS, POSITIONS, QUESTIONS, SHAPES, read_manifest
-from vlm.feature_cache import open_cache
 from vlm.images import load_image
 from vlm.tiling import tile_image
 
@@ -145,15 +144,9 @@ def _logits(model, heads: Heads, tiles, tile_masks, globals_, global_masks, feat
 def frozen_features(model, pixels: torch.Tensor, masks: torch.Tensor, chunk: int = 32
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, 3, S, S) views -> the frozen encoder's (feats (V, P, Dv), patch mask (V, P)), `chunk` views a call,
-    through the model's feature cache when it has one (so the VLM stage's first epoch finds these views there)."""
-    out = []
+    as the VLM encodes them (`VLM.encode_views`: through its feature cache when it has one)."""
     with torch.no_grad():
-        for i in range(0, len(pixels), chunk):
-            px, pm = pixels[i:i + chunk], masks[i:i + chunk]
-            if model.feature_cache is not None:
-                out.append(open_cache(model.feature_cache, model.vision, px.device).encode(model.vision, px, pm))
-            else:
-                out.append(model.vision(px, pm))
+        out = [model.encode_views(pixels[i:i + chunk], masks[i:i + chunk]) for i in range(0, len(pixels), chunk)]
     return torch.cat([f for f, _ in out]), torch.cat([m for _, m in out])  # (V, P, Dv), (V, P)
 
 
