@@ -110,6 +110,28 @@ def test_another_encoder_or_weights_misses(tmp_path):
     assert stats(model, batch).misses == before + views
 
 
+def test_a_bf16_mixed_run_shares_entries_with_fp32_when_the_encoder_sets_its_own_autocast(tmp_path):
+    """The real pair's encoder runs under its own `vision.autocast`: a bf16-mixed training run and an fp32 eval compute
+    the same features, so they share entries (bit-identical); without the field, the outer autocast is keyed."""
+    for own, shared in [(None, False), ("bfloat16", True)]:
+        model, proc = cached(tmp_path / str(own))
+        model.vision.cfg.autocast = own
+        batch = batch_of(proc, photo(300, 200))
+        views = len(batch["pixel_values"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = encode(model, batch)
+        plain = encode(model, batch)
+        s = stats(model, batch)
+        assert (s.hits, s.misses) == ((views, views) if shared else (0, views)), own
+        assert mixed.shape == plain.shape
+        with torch.no_grad():
+            pixels, mask = batch["pixel_values"], batch["pixel_mask"]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                features_mixed = model.vision(pixels, mask)[0]  # (V, P, Dv) no cache
+            features_plain = model.vision(pixels, mask)[0]
+        assert torch.equal(features_mixed, features_plain) == shared, own  # why sharing is exact (and only then)
+
+
 def test_corrupt_entries_are_recomputed_counted_and_overwritten(tmp_path):
     model, proc = cached(tmp_path)
     batch = batch_of(proc, photo(1024, 700))  # 2x2 tiles + the global view

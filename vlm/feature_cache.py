@@ -308,6 +308,8 @@ def encoder_key(cfg: VisionConfig, encoder: nn.Module, device_type: str, dtype: 
     fields_ = {k: v for k, v in asdict(cfg).items() if k not in UNKEYED}
     param = next(encoder.parameters())
     autocast = str(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
+    if cfg.autocast is not None:  # the encoder's own autocast decides (a keyed field): a bf16-mixed run and an fp32
+        autocast = None           # eval compute the same features and share entries
     run = dict(weights=memo[1], param_dtype=str(param.dtype), autocast=autocast, device=device_type,
                torch=torch.__version__, stored=dtype, format=FORMAT)
     blob = json.dumps([fields_, run], sort_keys=True, default=str).encode()
