@@ -146,3 +146,37 @@ def test_nothing_is_kept_between_calls(fusion):
         model(batch)
     hook.remove()
     assert _held(model) == before
+
+
+def test_routed_heads_split_the_views():
+    """fusion.global_heads: the first heads attend only to the global view's tokens, the others only to the tiles';
+    an image without tiles shows its global view to every head. Checked on the mask and on one block's output."""
+    model, proc = build("++model.fusion.global_heads=1")  # tiny_xattn: 2 heads, head 0 global, head 1 tiles
+    model.eval()
+    batch = mixed_batch(proc, labels=False)
+    with torch.no_grad():
+        embeds, media = model.prepare_inputs(batch)
+    mask, has_media = media.attention_mask(media.text_time)  # (B, H, T, K), (B, T, 1)
+    assert mask.shape[1] == 2
+    tile, real = media.key_is_tile, media.key_image > 0  # (B, K)
+    after = has_media[0, :, 0]  # sample 0: one high-detail image with tiles
+    assert torch.equal(mask[0, 0, after], (~tile[0] & real[0]).expand(int(after.sum()), -1))
+    assert torch.equal(mask[0, 1, after], (tile[0] & real[0]).expand(int(after.sum()), -1))
+    # sample 1: a low-detail image, then a high one (only_immediate): after the first, both heads see its 65 tokens
+    t1 = media.text_time[1]
+    first = (t1 == 1) & has_media[1, :, 0]
+    assert torch.equal(mask[1, 0, first], mask[1, 1, first])
+    assert int(mask[1, 0, first][0].sum()) == 65
+    # head 1 silenced at the output: the block no longer depends on any tile token
+    block = model.fusion.blocks[0]
+    d = model.cfg.fusion.dim_head
+    with torch.no_grad():
+        block.to_out.weight[:, d:] = 0
+        block.attn_gate.fill_(1.0)
+        noisy = media.media.clone()
+        noisy[tile] = torch.randn_like(noisy[tile])
+        x = torch.randn(*batch["input_ids"].shape, model.lm.hidden_size)
+        outs = [block(x, block.media_kv(m), mask, has_media) for m in (media.media, noisy)]
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="global_heads"):
+        build("++model.fusion.global_heads=2")

@@ -103,6 +103,10 @@ class FusionConfig:
     # feed-forward (IDEFICS), so text-only conversations are exactly the LLM's, trained gates or not. False:
     # open_flamingo's behaviour (such tokens skip the attention only; the gated feed-forward runs on every token).
     text_only_passthrough: bool = True
+    # xattn: view-routed heads. The first `global_heads` heads of every block attend only to the global view's tokens,
+    # the others only to the tiles' (an image without tiles: every head sees its global view). 0: every head sees
+    # every token (Flamingo). Routing keeps the 65 global tokens from being diluted among 6 x 129 tile tokens.
+    global_heads: int = 0
     projector: Literal["linear", "mlp"] = "mlp"  # prefix: visual width -> LLM width
 
 

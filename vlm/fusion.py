@@ -94,6 +94,9 @@ class CrossAttentionMedia:
     text_time: torch.Tensor  # (B, T) how many images precede (or are at) each prompt token
     only_immediate: bool
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+    key_is_tile: torch.Tensor | None = None  # (B, K) the key comes from a tile; None: heads are not routed
+    heads: int = 1
+    global_heads: int = 0
 
     def layers(self, new_tokens: int = 0, cached: bool = False) -> LayerFns:
         """The pre-layer functions of one LM call: over the prompt (`new_tokens` 0), or a decode step after
@@ -112,14 +115,19 @@ class CrossAttentionMedia:
         return block(hidden, kv, mask, has_media)  # (B, T, Dl)
 
     def attention_mask(self, text_time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, T, K) may-attend mask and (B, T, 1) has-media. Rows with no image before them (text_time 0)
-        are opened to every key to keep SDPA finite, then their output is zeroed by has_media."""
+        """(B, 1, T, K) may-attend mask ((B, H, T, K) with routed heads) and (B, T, 1) has-media. Rows with no image
+        before them (text_time 0) are opened to every key to keep SDPA finite, then their output is zeroed by
+        has_media."""
         kt = self.key_image[:, None, :]  # (B, 1, K)
         tt = text_time[:, :, None]  # (B, T, 1)
         allowed = (kt == tt) if self.only_immediate else (kt <= tt)  # (B, T, K)
-        allowed = allowed & (kt > 0)
+        allowed = (allowed & (kt > 0))[:, None]  # (B, 1, T, K)
+        if self.global_heads and self.key_is_tile is not None:
+            wants_tile = torch.arange(self.heads, device=kt.device) >= self.global_heads  # (H,)
+            routed = allowed & (self.key_is_tile[:, None, None, :] == wants_tile[None, :, None, None])  # (B, H, T, K)
+            allowed = torch.where(routed.any(-1, keepdim=True), routed, allowed)  # no tiles: the global view
         has_media = tt > 0  # (B, T, 1)
-        return (allowed | ~has_media)[:, None], has_media  # (B, 1, T, K), (B, T, 1)
+        return allowed | ~has_media[:, None], has_media  # (B, 1 or H, T, K), (B, T, 1)
 
 
 class CrossAttentionFusion(nn.Module):
@@ -136,6 +144,8 @@ class CrossAttentionFusion(nn.Module):
 
     def __init__(self, cfg: FusionConfig, *, lm_dim: int, media_dim: int, num_layers: int):
         super().__init__()
+        if not 0 <= cfg.global_heads < cfg.heads:
+            raise ValueError(f"fusion.global_heads must be in [0, heads={cfg.heads}), got {cfg.global_heads}")
         self.cfg = cfg
         self.layer_ids = [i for i in range(num_layers) if (i + 1) % cfg.every_n_layers == 0]
         if cfg.layers is not None:
@@ -153,10 +163,11 @@ class CrossAttentionFusion(nn.Module):
         return torch.ones_like(visual_tokens) if torch.is_tensor(visual_tokens) else 1
 
     def prepare(self, embeds: torch.Tensor, is_image: torch.Tensor, tokens: torch.Tensor,
-                tokens_per_image: torch.Tensor, images_per_sample: torch.Tensor, *, cache_kv: bool = True
-                ) -> tuple[torch.Tensor, CrossAttentionMedia]:
+                tokens_per_image: torch.Tensor, images_per_sample: torch.Tensor, *, cache_kv: bool = True,
+                token_is_tile: torch.Tensor | None = None) -> tuple[torch.Tensor, CrossAttentionMedia]:
         """embeds (B, T, De) as they are (the markers' rows are learned tokens), and the media: the flat visual tokens
-        (N, D) scattered into per-sample keys (B, K, D), each remembering which image of its sample it came from."""
+        (N, D) scattered into per-sample keys (B, K, D), each remembering which image of its sample it came from
+        (and, given `token_is_tile` (N,), which view type, for `global_heads`)."""
         check_counts(is_image.sum(1), per_sample(self.placeholders(tokens_per_image), images_per_sample),
                      *self.count_names)
         B, dev = is_image.shape[0], tokens.device
@@ -173,9 +184,16 @@ class CrossAttentionFusion(nn.Module):
         media[sample_of_token, slot] = tokens
         key_image = torch.zeros(media.shape[:2], dtype=torch.long, device=dev)  # (B, K)
         key_image[sample_of_token, slot] = rank_in_sample[image_of_token]
+        key_is_tile = None
+        if self.cfg.global_heads:
+            if token_is_tile is None:
+                raise ValueError("fusion.global_heads routes heads by view: prepare() needs token_is_tile")
+            key_is_tile = torch.zeros(media.shape[:2], dtype=torch.bool, device=dev)  # (B, K)
+            key_is_tile[sample_of_token, slot] = token_is_tile
         kv = [block.media_kv(media) for block in self.blocks] if cache_kv and self.cfg.cache_media_kv else None
         return embeds, CrossAttentionMedia(self.blocks, self.layer_ids, media, key_image, is_image.long().cumsum(1),
-                                           self.cfg.only_immediate, kv)
+                                           self.cfg.only_immediate, kv, key_is_tile, self.cfg.heads,
+                                           self.cfg.global_heads)
 
     def metrics(self) -> dict[str, float]:
         """tanh of each gate, by the decoder layer it precedes."""
@@ -214,8 +232,8 @@ class PrefixFusion(nn.Module):
         return visual_tokens
 
     def prepare(self, embeds: torch.Tensor, is_image: torch.Tensor, tokens: torch.Tensor,
-                tokens_per_image: torch.Tensor, images_per_sample: torch.Tensor, *, cache_kv: bool = True
-                ) -> tuple[torch.Tensor, None]:
+                tokens_per_image: torch.Tensor, images_per_sample: torch.Tensor, *, cache_kv: bool = True,
+                token_is_tile: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         check_counts(is_image.sum(1), per_sample(self.placeholders(tokens_per_image), images_per_sample),
                      *self.count_names)
         visual = self.proj(tokens).to(embeds.dtype)  # (N, D) -> (N, De)

@@ -154,9 +154,13 @@ class VLM(nn.Module):
                 raise ValueError(f"image placeholders and images disagree: {int(is_image.sum())} image token(s) "
                                  f"in the text but no images in the batch")
             return embeds, None
-        tokens, tokens_per_image = self.encode_images(batch["pixel_values"], batch["pixel_mask"],
-                                                      batch["view_positions"], batch["views_per_image"])
-        return self.fusion.prepare(embeds, is_image, tokens, tokens_per_image, images_per_sample, cache_kv=cache_kv)
+        positions = batch["view_positions"]
+        tokens, tokens_per_image = self.encode_images(batch["pixel_values"], batch["pixel_mask"], positions,
+                                                      batch["views_per_image"])  # (N, D), (I,)
+        is_tile = positions.is_tile.bool()  # (V,)
+        token_is_tile = torch.repeat_interleave(is_tile, self.visual.budget.views(is_tile))  # (N,)
+        return self.fusion.prepare(embeds, is_image, tokens, tokens_per_image, images_per_sample, cache_kv=cache_kv,
+                                   token_is_tile=token_is_tile)
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, num_tokens: torch.Tensor | float | None = None, *, logits: bool = True
