@@ -1,5 +1,6 @@
-"""Train a VLM. `python train.py` builds the synthetic corpus if missing, trains the embedded default (the real
-frozen pair: configs/model/pair.yaml) on CPU and saves `checkpoint.pt` in the run folder.
+"""Train a VLM. `python train.py` builds the synthetic corpus (and converts the packaged datasets the data config mixes
+in, `data.convert`) if missing, trains the embedded default (the real frozen pair: configs/model/pair.yaml) on CPU and
+saves `checkpoint.pt` in the run folder.
 
 Thin Hydra entry point: compose the config, instantiate what it names (model config, optimizer and schedule
 partials, trainer, logger, data stream), fit, save. A run folder that holds `checkpoints/last.ckpt` is resumed
@@ -18,7 +19,7 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.checkpoint import save_checkpoint
-from vlm.cli import ensure_task_data
+from vlm.cli import ensure_converted, ensure_task_data
 from vlm.data.synthetic import ensure_corpus
 from vlm.eval.runner import evaluate_config
 from vlm.lit import VLMLitModule, quiet_lightning
@@ -33,6 +34,7 @@ def main(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed, workers=True)
     root = Path(to_absolute_path(cfg.data.root))
     ensure_corpus(root, **OmegaConf.to_container(cfg.data.corpus, resolve=True))  # entry points build the corpus
+    ensure_converted(cfg.data)  # and the packaged datasets it mixes in (data.convert)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resume = resume_checkpoint(run_dir)
     run_config = OmegaConf.to_container(cfg, resolve=True)

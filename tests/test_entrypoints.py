@@ -28,3 +28,23 @@ def test_train_then_eval(tmp_path):
     m = json.loads(metrics.read_text())
     assert m["checkpoint"] == str(ckpt) and 0 <= m["overall"] <= 100
     assert len((metrics.parent / "predictions.jsonl").read_text().splitlines()) == 6
+
+
+def test_data_convert_converts_the_packaged_datasets_once(tmp_path, capsys):
+    """`data.convert` (train.py): the named datasets become shards before training, as data/convert.py writes them;
+    a second call finds the conversion done and writes nothing."""
+    from omegaconf import OmegaConf
+
+    from vlm.cli import ensure_converted
+    from vlm.data.pipeline import list_shards
+
+    out = tmp_path / "easy"
+    data = OmegaConf.create({"convert": {"easy_vqa": {"out": str(out), "split": "test", "limit": 5, "shard_size": 2}}})
+    ensure_converted(data)
+    shards = list_shards(out)
+    assert [Path(s).name for s in shards] == [f"easy_vqa-00000{i}.tar" for i in range(3)]
+    stamps = [Path(s).stat().st_mtime_ns for s in shards]
+    ensure_converted(data)
+    assert [Path(s).stat().st_mtime_ns for s in list_shards(out)] == stamps
+    assert "wrote 5 samples in 3 shards" in capsys.readouterr().out
+    ensure_converted(OmegaConf.create({}))  # no convert key: nothing to do

@@ -245,7 +245,7 @@ def test_converter_to_shards_to_batch(tmp_path, fusion):
 
 
 def test_list_shards_takes_every_spelling_of_a_source(tmp_path):
-    """A folder, a glob, a brace pattern, a list, and the list Hydra gives for `data.train=[a,b]` (a ListConfig)."""
+    """A folder, a glob, a brace pattern, a list (of any of those), and the list Hydra gives for `data.train=[a,b]`."""
     from omegaconf import OmegaConf
 
     paths = [str(tmp_path / f"s-{i:02d}.tar") for i in range(3)]
@@ -254,3 +254,5 @@ def test_list_shards_takes_every_spelling_of_a_source(tmp_path):
     assert list_shards(tmp_path) == list_shards(str(tmp_path / "s-*.tar")) == paths
     assert list_shards(str(tmp_path / "s-{00..01}.tar")) == paths[:2]
     assert list_shards(paths[1:]) == list_shards(OmegaConf.create({"train": paths[1:]}).train) == paths[1:]
+    # a list of spellings (two sources mixed): each expanded, in the list's order
+    assert list_shards([str(tmp_path / "s-{01..02}.tar"), paths[0]]) == paths[1:] + paths[:1]

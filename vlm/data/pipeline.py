@@ -55,9 +55,10 @@ log = logging.getLogger(__name__)
 
 
 def list_shards(source: str | Path | list) -> list[str]:
-    """A directory (all *.tar inside), a glob, a brace pattern ("a-{000..009}.tar") or a list -> sorted paths."""
+    """A directory (all *.tar inside), a glob, a brace pattern ("a-{000..009}.tar") -> sorted paths; a list of
+    those -> each expanded, in the list's order."""
     if isinstance(source, Sequence) and not isinstance(source, str):  # a list, tuple or Hydra's ListConfig
-        return [str(s) for s in source]
+        return [shard for s in source for shard in list_shards(s)]
     source = str(source)
     path = Path(source)
     if path.is_dir():
