@@ -7,7 +7,7 @@ import pytest
 import torch
 from _tiny import CLOSED_GATES, LMS, build, mixed_batch, open_gates, photo
 
-from vlm.fusion import CrossAttentionFusion, PrefixFusion, fusion_class
+from vlm.fusion import KEY_GLOBAL, KEY_TILE, KEY_TILE_CLASS, CrossAttentionFusion, PrefixFusion, fusion_class, token_kinds
 from vlm.processor import collate
 from vlm.tiling import plan_tiles
 
@@ -149,22 +149,25 @@ def test_nothing_is_kept_between_calls(fusion):
 
 
 def test_routed_heads_split_the_views():
-    """fusion.global_heads: the first heads attend only to the global view's tokens, the others only to the tiles';
-    an image without tiles shows its global view to every head. Checked on the mask and on one block's output."""
-    model, proc = build("++model.fusion.global_heads=1")  # tiny_xattn: 2 heads, head 0 global, head 1 tiles
+    """fusion.global_heads / tile_class_heads: the first heads attend only to the global view's tokens, the next only
+    to the tiles' class tokens, the rest to every tile token; an image without tiles shows its global view to every
+    head. Checked on the token kinds, the mask and one block's output."""
+    assert token_kinds(torch.tensor([False, True, True]), torch.tensor([3, 2, 2])).tolist() == [
+        KEY_GLOBAL] * 3 + [KEY_TILE_CLASS, KEY_TILE] * 2
+    # tiny_xattn has 2 heads: head 0 global, head 1 tiles; then 4 heads: global, tile class, 2 x all tile tokens
+    model, proc = build("++model.fusion.global_heads=1")
     model.eval()
     batch = mixed_batch(proc, labels=False)
     with torch.no_grad():
         embeds, media = model.prepare_inputs(batch)
     mask, has_media = media.attention_mask(media.text_time)  # (B, H, T, K), (B, T, 1)
     assert mask.shape[1] == 2
-    tile, real = media.key_is_tile, media.key_image > 0  # (B, K)
+    tile, real = media.key_kind != KEY_GLOBAL, media.key_image > 0  # (B, K)
     after = has_media[0, :, 0]  # sample 0: one high-detail image with tiles
     assert torch.equal(mask[0, 0, after], (~tile[0] & real[0]).expand(int(after.sum()), -1))
     assert torch.equal(mask[0, 1, after], (tile[0] & real[0]).expand(int(after.sum()), -1))
     # sample 1: a low-detail image, then a high one (only_immediate): after the first, both heads see its 65 tokens
-    t1 = media.text_time[1]
-    first = (t1 == 1) & has_media[1, :, 0]
+    first = (media.text_time[1] == 1) & has_media[1, :, 0]
     assert torch.equal(mask[1, 0, first], mask[1, 1, first])
     assert int(mask[1, 0, first][0].sum()) == 65
     # head 1 silenced at the output: the block no longer depends on any tile token
@@ -178,5 +181,17 @@ def test_routed_heads_split_the_views():
         x = torch.randn(*batch["input_ids"].shape, model.lm.hidden_size)
         outs = [block(x, block.media_kv(m), mask, has_media) for m in (media.media, noisy)]
     assert torch.equal(outs[0], outs[1])
+
+    model, proc = build("++model.fusion.heads=4", "++model.fusion.global_heads=1", "++model.fusion.tile_class_heads=1")
+    with torch.no_grad():
+        _, media = model.prepare_inputs(mixed_batch(proc, labels=False))
+    mask, has_media = media.attention_mask(media.text_time)
+    rows = mask[0][:, has_media[0, :, 0]][:, 0]  # (H, K) what each head sees from sample 0's last tokens
+    kinds = media.key_kind[0][rows.any(0)]
+    assert set(kinds[rows[0][rows.any(0)]].tolist()) == {KEY_GLOBAL}
+    assert set(kinds[rows[1][rows.any(0)]].tolist()) == {KEY_TILE_CLASS}
+    assert int(rows[1].sum()) == plan_tiles(1024, 700).num_tiles  # one class token per tile
+    assert set(kinds[rows[2][rows.any(0)]].tolist()) == set(kinds[rows[3][rows.any(0)]].tolist()) == {
+        KEY_TILE_CLASS, KEY_TILE}
     with pytest.raises(ValueError, match="global_heads"):
-        build("++model.fusion.global_heads=2")
+        build("++model.fusion.global_heads=1", "++model.fusion.tile_class_heads=1")  # 2 heads: none left for tiles

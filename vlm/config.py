@@ -104,9 +104,11 @@ class FusionConfig:
     # open_flamingo's behaviour (such tokens skip the attention only; the gated feed-forward runs on every token).
     text_only_passthrough: bool = True
     # xattn: view-routed heads. The first `global_heads` heads of every block attend only to the global view's tokens,
-    # the others only to the tiles' (an image without tiles: every head sees its global view). 0: every head sees
-    # every token (Flamingo). Routing keeps the 65 global tokens from being diluted among 6 x 129 tile tokens.
+    # the next `tile_class_heads` only to the tiles' class tokens (one per tile), the others to all the tiles' tokens
+    # (an image without tiles: every head sees its global view). 0 and 0: every head sees every token (Flamingo).
+    # Routing keeps the 65 global tokens from being diluted among 6 x 129 tile tokens (README, "The embedded default").
     global_heads: int = 0
+    tile_class_heads: int = 0
     projector: Literal["linear", "mlp"] = "mlp"  # prefix: visual width -> LLM width
 
 

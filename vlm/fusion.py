@@ -45,6 +45,29 @@ def per_sample(values: torch.Tensor, images_per_sample: torch.Tensor) -> torch.T
 
 
 # ------------------------------------------------------------------------------------------- cross-attention
+KEY_GLOBAL, KEY_TILE_CLASS, KEY_TILE = 0, 1, 2  # what a visual key is: a global-view token, a tile's class token, ...
+
+
+def head_routing(cfg: FusionConfig) -> torch.Tensor:
+    """(H, 3) bool: which key kinds each head attends to (FusionConfig.global_heads / tile_class_heads): global
+    heads the global view, tile-class heads the tiles' class tokens, the rest every tile token."""
+    sees = torch.zeros(cfg.heads, 3, dtype=torch.bool)  # (H, 3)
+    g, c = cfg.global_heads, cfg.global_heads + cfg.tile_class_heads
+    sees[:g, KEY_GLOBAL] = True
+    sees[g:c, KEY_TILE_CLASS] = True
+    sees[c:, KEY_TILE_CLASS] = sees[c:, KEY_TILE] = True
+    return sees
+
+
+def token_kinds(is_tile: torch.Tensor, tokens_per_view: torch.Tensor) -> torch.Tensor:
+    """(V,) bool, (V,) tokens of each view -> (N,) each visual token's KEY_* kind (a view's row 0 is its class token,
+    vlm/resampler.py)."""
+    kind = torch.repeat_interleave(torch.where(is_tile, KEY_TILE, KEY_GLOBAL), tokens_per_view)  # (N,)
+    start = torch.repeat_interleave(tokens_per_view.cumsum(0) - tokens_per_view, tokens_per_view)  # (N,)
+    first = torch.arange(len(kind), device=kind.device) == start  # (N,) the class token of its view
+    return torch.where(first & (kind == KEY_TILE), KEY_TILE_CLASS, kind)  # (N,)
+
+
 class GatedCrossAttentionBlock(nn.Module):
     """Flamingo's GATED XATTN-DENSE: y += tanh(a) * xattn(y, media); y += tanh(b) * ffw(y). Gates start at
     `gate_init` (0 as in Flamingo unless configured)."""
@@ -94,9 +117,8 @@ class CrossAttentionMedia:
     text_time: torch.Tensor  # (B, T) how many images precede (or are at) each prompt token
     only_immediate: bool
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
-    key_is_tile: torch.Tensor | None = None  # (B, K) the key comes from a tile; None: heads are not routed
-    heads: int = 1
-    global_heads: int = 0
+    key_kind: torch.Tensor | None = None  # (B, K) KEY_GLOBAL / KEY_TILE_CLASS / KEY_TILE; None: heads not routed
+    head_sees: torch.Tensor | None = None  # (H, 3) whether head h attends to keys of each kind
 
     def layers(self, new_tokens: int = 0, cached: bool = False) -> LayerFns:
         """The pre-layer functions of one LM call: over the prompt (`new_tokens` 0), or a decode step after
@@ -122,9 +144,9 @@ class CrossAttentionMedia:
         tt = text_time[:, :, None]  # (B, T, 1)
         allowed = (kt == tt) if self.only_immediate else (kt <= tt)  # (B, T, K)
         allowed = (allowed & (kt > 0))[:, None]  # (B, 1, T, K)
-        if self.global_heads and self.key_is_tile is not None:
-            wants_tile = torch.arange(self.heads, device=kt.device) >= self.global_heads  # (H,)
-            routed = allowed & (self.key_is_tile[:, None, None, :] == wants_tile[None, :, None, None])  # (B, H, T, K)
+        if self.key_kind is not None:
+            sees = self.head_sees[:, self.key_kind].permute(1, 0, 2)[:, :, None]  # (B, H, 1, K)
+            routed = allowed & sees  # (B, H, T, K)
             allowed = torch.where(routed.any(-1, keepdim=True), routed, allowed)  # no tiles: the global view
         has_media = tt > 0  # (B, T, 1)
         return allowed | ~has_media[:, None], has_media  # (B, 1 or H, T, K), (B, T, 1)
@@ -144,8 +166,9 @@ class CrossAttentionFusion(nn.Module):
 
     def __init__(self, cfg: FusionConfig, *, lm_dim: int, media_dim: int, num_layers: int):
         super().__init__()
-        if not 0 <= cfg.global_heads < cfg.heads:
-            raise ValueError(f"fusion.global_heads must be in [0, heads={cfg.heads}), got {cfg.global_heads}")
+        if min(cfg.global_heads, cfg.tile_class_heads) < 0 or cfg.global_heads + cfg.tile_class_heads >= cfg.heads:
+            raise ValueError(f"fusion.global_heads + tile_class_heads must leave a head for all tile tokens: "
+                             f"{cfg.global_heads} + {cfg.tile_class_heads} of heads={cfg.heads}")
         self.cfg = cfg
         self.layer_ids = [i for i in range(num_layers) if (i + 1) % cfg.every_n_layers == 0]
         if cfg.layers is not None:
@@ -164,10 +187,10 @@ class CrossAttentionFusion(nn.Module):
 
     def prepare(self, embeds: torch.Tensor, is_image: torch.Tensor, tokens: torch.Tensor,
                 tokens_per_image: torch.Tensor, images_per_sample: torch.Tensor, *, cache_kv: bool = True,
-                token_is_tile: torch.Tensor | None = None) -> tuple[torch.Tensor, CrossAttentionMedia]:
+                token_kind: torch.Tensor | None = None) -> tuple[torch.Tensor, CrossAttentionMedia]:
         """embeds (B, T, De) as they are (the markers' rows are learned tokens), and the media: the flat visual tokens
         (N, D) scattered into per-sample keys (B, K, D), each remembering which image of its sample it came from
-        (and, given `token_is_tile` (N,), which view type, for `global_heads`)."""
+        (and, given `token_kind` (N,) of KEY_GLOBAL / KEY_TILE_CLASS / KEY_TILE, what it is, for routed heads)."""
         check_counts(is_image.sum(1), per_sample(self.placeholders(tokens_per_image), images_per_sample),
                      *self.count_names)
         B, dev = is_image.shape[0], tokens.device
@@ -184,16 +207,16 @@ class CrossAttentionFusion(nn.Module):
         media[sample_of_token, slot] = tokens
         key_image = torch.zeros(media.shape[:2], dtype=torch.long, device=dev)  # (B, K)
         key_image[sample_of_token, slot] = rank_in_sample[image_of_token]
-        key_is_tile = None
-        if self.cfg.global_heads:
-            if token_is_tile is None:
-                raise ValueError("fusion.global_heads routes heads by view: prepare() needs token_is_tile")
-            key_is_tile = torch.zeros(media.shape[:2], dtype=torch.bool, device=dev)  # (B, K)
-            key_is_tile[sample_of_token, slot] = token_is_tile
+        key_kind, head_sees = None, None
+        if self.cfg.global_heads or self.cfg.tile_class_heads:
+            if token_kind is None:
+                raise ValueError("fusion.global_heads / tile_class_heads route heads by view: prepare() needs token_kind")
+            key_kind = torch.zeros(media.shape[:2], dtype=torch.long, device=dev)  # (B, K)
+            key_kind[sample_of_token, slot] = token_kind
+            head_sees = head_routing(self.cfg).to(dev)  # (H, 3)
         kv = [block.media_kv(media) for block in self.blocks] if cache_kv and self.cfg.cache_media_kv else None
         return embeds, CrossAttentionMedia(self.blocks, self.layer_ids, media, key_image, is_image.long().cumsum(1),
-                                           self.cfg.only_immediate, kv, key_is_tile, self.cfg.heads,
-                                           self.cfg.global_heads)
+                                           self.cfg.only_immediate, kv, key_kind, head_sees)
 
     def metrics(self) -> dict[str, float]:
         """tanh of each gate, by the decoder layer it precedes."""
@@ -233,7 +256,7 @@ class PrefixFusion(nn.Module):
 
     def prepare(self, embeds: torch.Tensor, is_image: torch.Tensor, tokens: torch.Tensor,
                 tokens_per_image: torch.Tensor, images_per_sample: torch.Tensor, *, cache_kv: bool = True,
-                token_is_tile: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+                token_kind: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         check_counts(is_image.sum(1), per_sample(self.placeholders(tokens_per_image), images_per_sample),
                      *self.count_names)
         visual = self.proj(tokens).to(embeds.dtype)  # (N, D) -> (N, De)

@@ -28,7 +28,7 @@ from torch import nn
 
 from vlm.config import VLMConfig
 from vlm.feature_cache import FeatureCacheConfig, open_cache
-from vlm.fusion import build_fusion
+from vlm.fusion import build_fusion, token_kinds
 from vlm.lm import LearnedTokens, build_language_model, sample_next
 from vlm.tiling import ViewPositions
 from vlm.tokenizer import IGNORE_INDEX, build_tokenizer
@@ -158,9 +158,8 @@ class VLM(nn.Module):
         tokens, tokens_per_image = self.encode_images(batch["pixel_values"], batch["pixel_mask"], positions,
                                                       batch["views_per_image"])  # (N, D), (I,)
         is_tile = positions.is_tile.bool()  # (V,)
-        token_is_tile = torch.repeat_interleave(is_tile, self.visual.budget.views(is_tile))  # (N,)
         return self.fusion.prepare(embeds, is_image, tokens, tokens_per_image, images_per_sample, cache_kv=cache_kv,
-                                   token_is_tile=token_is_tile)
+                                   token_kind=token_kinds(is_tile, self.visual.budget.views(is_tile)))
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, num_tokens: torch.Tensor | float | None = None, *, logits: bool = True
