@@ -10,9 +10,9 @@ The model (`--model pair`, the default) is the embedded default, configs/model/p
 EfficientNet-Lite0 (stride 16: 32 x 32 x 112 per 512 px view) and SmolLM2-135M; `--model tiny` is the tiny model with
 a real-size frozen encoder (efficientnet_lite0 built without weights: the timing is the same). The batch is the
 default's: `data.batch_size` = 8 synthetic-corpus training images with configs/data/synthetic.yaml's corpus (2:1,
-detail=high: 7 views each), their chats supervised. A step is forward + backward + AdamW step of what trains. The cached model gets one untimed step
-that fills the cache, then every step hits; uncached and cached steps alternate, so load from other processes hits
-both alike. The losses must be equal (a hit is bit-identical to encoding). Medians; read the ratio.
+detail=high: 7 views each), their chats supervised. A step is forward + backward + AdamW step of what trains. The
+cached model gets one untimed step that fills the cache, then every step hits; uncached and cached steps alternate,
+so load from other processes hits both alike. The losses must be equal (a hit is bit-identical to encoding). Medians; read the ratio.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import tempfile
 import time
 
 import torch
-from PIL import Image
-
 from omegaconf import OmegaConf
+from PIL import Image
 
 from vlm.compose import CONFIG_DIR, model_config
 from vlm.data.synthetic import CorpusParams, make_sample

@@ -7,7 +7,15 @@ import pytest
 import torch
 from _tiny import CLOSED_GATES, LMS, build, mixed_batch, open_gates, photo
 
-from vlm.fusion import KEY_GLOBAL, KEY_TILE, KEY_TILE_CLASS, CrossAttentionFusion, PrefixFusion, fusion_class, token_kinds
+from vlm.fusion import (
+    KEY_GLOBAL,
+    KEY_TILE,
+    KEY_TILE_CLASS,
+    CrossAttentionFusion,
+    PrefixFusion,
+    fusion_class,
+    token_kinds,
+)
 from vlm.processor import collate
 from vlm.tiling import plan_tiles
 

@@ -210,7 +210,8 @@ class CrossAttentionFusion(nn.Module):
         key_kind, head_sees = None, None
         if self.cfg.global_heads or self.cfg.tile_class_heads:
             if token_kind is None:
-                raise ValueError("fusion.global_heads / tile_class_heads route heads by view: prepare() needs token_kind")
+                raise ValueError("fusion.global_heads / tile_class_heads route heads by view: prepare() needs "
+                                 "token_kind")
             key_kind = torch.zeros(media.shape[:2], dtype=torch.long, device=dev)  # (B, K)
             key_kind[sample_of_token, slot] = token_kind
             head_sees = head_routing(self.cfg).to(dev)  # (H, 3)
