@@ -12,7 +12,8 @@ a real-size frozen encoder (efficientnet_lite0 built without weights: the timing
 default's: `data.batch_size` = 8 synthetic-corpus training images with configs/data/synthetic.yaml's corpus (2:1,
 detail=high: 7 views each), their chats supervised. A step is forward + backward + AdamW step of what trains. The
 cached model gets one untimed step that fills the cache, then every step hits; uncached and cached steps alternate,
-so load from other processes hits both alike. The losses must be equal (a hit is bit-identical to encoding). Medians; read the ratio.
+so load from other processes hits both alike. The losses must be equal (a hit is bit-identical to encoding).
+Medians; read the ratio.
 """
 
 from __future__ import annotations
