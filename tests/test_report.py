@@ -118,7 +118,8 @@ def test_smooth():
 def test_sweep_with_eval_after_then_report(tmp_path):
     corpus = ["+data.corpus.n_train=8", "+data.corpus.n_val=0", "+data.corpus.n_test=4", "+data.corpus.shard_size=4"]
     sweep = subprocess.run(
-        [sys.executable, "train.py", "-m", "model=tiny", "experiment=baseline,no_tiles", "eval_after=true",
+        [sys.executable, "train.py", "-m", "model=tiny", "data=synthetic", "vision_pretrain=null",
+         "experiment=baseline,no_tiles", "eval_after=true",
          "optim.lr=5e-3", "gate_lr_scale=1.0",
          f"data.root={tmp_path}/synthetic", f"hydra.sweep.dir={tmp_path}/multirun", *corpus, "trainer.max_steps=2",
          "data.batch_size=2", "data.num_workers=0", "evaluate.batch_size=4", "evaluate.max_new_tokens=2",
