@@ -1,6 +1,6 @@
-"""Train a VLM. `python train.py` builds the synthetic corpus (and converts the packaged datasets the data config mixes
-in, `data.convert`) if missing, trains the embedded default (the real frozen pair: configs/model/pair.yaml) on CPU and
-saves `checkpoint.pt` in the run folder.
+"""Train a VLM. `python train.py` builds the synthetic corpus if missing where the data config (`data.build_corpus`) or
+stage 0 reads it, converts the packaged datasets the data config mixes in (`data.convert`), trains the
+embedded default (the real frozen pair: configs/model/pair.yaml) on CPU and saves `checkpoint.pt` in the run folder.
 
 Thin Hydra entry point: compose the config, instantiate what it names (model config, optimizer and schedule
 partials, trainer, logger, data stream), fit, save. A run folder that holds `checkpoints/last.ckpt` is resumed
@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> None:
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
     root = Path(to_absolute_path(cfg.data.root))
-    ensure_corpus(root, **OmegaConf.to_container(cfg.data.corpus, resolve=True))  # entry points build the corpus
+    if cfg.data.get("build_corpus") or cfg.get("vision_pretrain") is not None:  # entry points build the corpus
+        ensure_corpus(root, **OmegaConf.to_container(cfg.data.corpus, resolve=True))  # (stage 0 reads it too)
     ensure_converted(cfg.data)  # and the packaged datasets it mixes in (data.convert)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resume = resume_checkpoint(run_dir)

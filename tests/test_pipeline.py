@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from vlm.compose import model_config
 from vlm.data.format import ShardSink, encode_image
-from vlm.data.pipeline import ShardStream, SkipCounter, StreamPosition, collate_stream, list_shards
+from vlm.data.pipeline import ShardStream, SkipCounter, StreamPosition, check_shards, collate_stream, list_shards
 from vlm.processor import Processor
 from vlm.tiling import plan_tiles, visual_tokens
 from vlm.tokenizer import build_tokenizer
@@ -256,3 +257,62 @@ def test_list_shards_takes_every_spelling_of_a_source(tmp_path):
     assert list_shards(paths[1:]) == list_shards(OmegaConf.create({"train": paths[1:]}).train) == paths[1:]
     # a list of spellings (two sources mixed): each expanded, in the list's order
     assert list_shards([str(tmp_path / "s-{01..02}.tar"), paths[0]]) == paths[1:] + paths[:1]
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A loopback http.server serving tmp_path/www; yields (folder, base URL)."""
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _batches(shards, workers: int = 0) -> list[dict]:
+    stream = ShardStream(shards, _processor(), seed=3, epochs=2, shuffle_buffer=5)
+    return list(_loader(stream, batch_size=3, workers=workers))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset's gopen reads http(s) through curl")
+def test_http_and_pipe_sources_train_like_local_shards(http_root):
+    """The same shards over a loopback HTTP server (brace pattern in the URL) and through `pipe:cat` give the batches
+    that reading them from disk gives: same keys, same tensors, same order (2 epochs, shuffled, 2 workers)."""
+    root, base = http_root
+    _write_corpus(root, n=12, per_shard=3)
+    local = list_shards(root)
+    assert list_shards(f"{base}/train-{{000000..000003}}.tar") == [f"{base}/train-{i:06d}.tar" for i in range(4)]
+    want = _batches(local, workers=2)
+    for source in ([f"{base}/train-{{000000..000003}}.tar"], [f"pipe:cat {s}" for s in local]):
+        check_shards(list_shards(source))
+        got = _batches(source, workers=2)
+        assert [b["keys"] for b in got] == [b["keys"] for b in want] and len(want) == 8
+        for g, w in zip(got, want):
+            for name in ("input_ids", "labels", "pixel_values"):
+                assert torch.equal(g[name], w[name])
+            assert "bad_shard" not in (g["stream_stats"].get(0, {}) | g["stream_stats"].get(1, {}))
+
+
+def test_bad_sources_fail_before_training(tmp_path, http_root):
+    root, base = http_root
+    _write_corpus(root, n=3, per_shard=3)
+    (root / "notes.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        list_shards(str(tmp_path / "nothing-*.tar"))  # an empty glob
+    with pytest.raises(FileNotFoundError, match="1 of 2 training shards do not exist: .*missing-000000.tar"):
+        check_shards([*list_shards(root / "train-000000.tar"), str(tmp_path / "missing-000000.tar")])
+    with pytest.raises(FileNotFoundError, match="cannot read the training shard pipe:false|is not a tar"):
+        check_shards(["pipe:false"])
+    if shutil.which("curl"):
+        with pytest.raises((FileNotFoundError, ValueError), match=f"{base}/missing.tar"):
+            check_shards([f"{base}/missing.tar"])  # 404
+        with pytest.raises(ValueError, match="is not a tar file"):
+            check_shards([f"{base}/notes.tar"])
+        check_shards([f"{base}/train-000000.tar"])  # served, a tar: no error

@@ -30,6 +30,7 @@ Two ways to split the data between ranks and workers (`split`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import itertools
@@ -54,19 +55,27 @@ from vlm.tiling import draft_size, plan_tiles
 log = logging.getLogger(__name__)
 
 
+def is_url(source: str) -> bool:
+    """A shard that webdataset's `gopen` opens by scheme (pipe:, http(s)://, file://, ...), not a local path."""
+    return source.startswith("pipe:") or "://" in source
+
+
 def list_shards(source: str | Path | list) -> list[str]:
-    """A directory (all *.tar inside), a glob, a brace pattern ("a-{000..009}.tar") -> sorted paths; a list of
-    those -> each expanded, in the list's order."""
+    """A directory (all *.tar inside), a glob, a brace pattern ("a-{000..009}.tar") -> sorted paths; a URL
+    (`pipe:cmd`, http(s)://...: opened by webdataset's gopen) -> itself, brace-expanded; a list of those -> each
+    expanded, in the list's order."""
     if isinstance(source, Sequence) and not isinstance(source, str):  # a list, tuple or Hydra's ListConfig
         return [shard for s in source for shard in list_shards(s)]
     source = str(source)
     path = Path(source)
-    if path.is_dir():
-        shards = sorted(str(p) for p in path.glob("*.tar"))
-    elif "{" in source:
+    if "{" in source:
         import braceexpand
 
         shards = list(braceexpand.braceexpand(source))
+    elif is_url(source):
+        shards = [source]
+    elif path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
     else:
         shards = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]  # absolute ones too
     if not shards:
@@ -74,17 +83,48 @@ def list_shards(source: str | Path | list) -> list[str]:
     return shards
 
 
+def check_shards(shards: list[str]) -> None:
+    """Fail before training on sources that cannot be read: every local shard must exist, and the first URL of the
+    list must open (through gopen, as the workers will open it) onto a tar stream. Only the first: checking every
+    remote shard would cost a request each; a later one that fails is counted as `bad_shard` while training."""
+    missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(shards)} training shards do not exist: "
+                                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    url = next((s for s in shards if is_url(s)), None)
+    if url is None:
+        return
+    from webdataset.gopen import gopen
+
+    try:
+        stream = gopen(url, "rb")
+        try:
+            head = stream.read(512)
+        finally:
+            with contextlib.suppress(Exception):  # a pipe cut after its first block may exit with SIGPIPE
+                stream.close()
+    except Exception as e:  # noqa: BLE001 - whatever the scheme's opener raises, said with the URL
+        raise FileNotFoundError(f"cannot read the training shard {url}: {e}") from e
+    if not (head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b"):  # a tar header, or gzip around one
+        raise ValueError(f"the training shard {url} is not a tar file ({len(head)} bytes read: {head[:40]!r})")
+
+
 def read_tar(path: str, stats: Counter) -> Iterator[dict]:
-    """One shard's samples, grouped by key with webdataset's own tar iterators: {"__key__", suffix: bytes}.
-    A truncated or unreadable shard is counted and ends that shard, never the run."""
+    """One shard's samples, grouped by key with webdataset's own tar iterators: {"__key__", suffix: bytes}. `path`: a
+    local file or any URL webdataset's gopen opens (pipe:, http(s)://). A truncated or unreadable shard is counted
+    and ends that shard, never the run."""
+    from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     try:
-        with open(path, "rb") as f:
-            members = ({**m, "__url__": path} for m in tar_file_iterator(f))
+        stream = gopen(path, "rb")
+        try:
+            members = ({**m, "__url__": path} for m in tar_file_iterator(stream))
             for sample in group_by_keys(members):
                 sample["__key__"] = sample["__key__"].rsplit("/", 1)[-1]
                 yield sample
+        finally:
+            stream.close()  # a pipe's close waits for its command and raises on a failed exit status
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         stats["bad_shard"] += 1
         log.warning("shard %s is truncated or unreadable (%s); continuing with the next shard", path, e)
@@ -270,8 +310,9 @@ def collate_stream(samples: list[dict], *, pad_token_id: int, padding_side: str 
 def train_loader(data: Mapping, processor: Processor, *, seed: int, position: StreamPosition | None = None
                  ) -> torch.utils.data.DataLoader:
     """The endless training stream a data config describes (`configs/data/*.yaml`): `train` (shards: a folder, glob,
-    brace pattern or list), `batch_size`, `num_workers`, `shuffle_buffer`, `max_length`, `split`; batched in the
+    brace pattern, URL or list), `batch_size`, `num_workers`, `shuffle_buffer`, `max_length`, `split`; batched in the
     DataLoader's workers. `position`: continue at the exact next sample of a resumed run."""
+    check_shards(list_shards(data["train"]))  # a missing or unreadable source fails here, before any step
     stream = ShardStream(data["train"], processor, seed=seed, epochs=None, shuffle_buffer=data["shuffle_buffer"],
                          max_length=data["max_length"], split=data["split"], batch_size=data["batch_size"],
                          position=position)
