@@ -14,7 +14,16 @@ from PIL import Image
 
 from vlm.compose import model_config
 from vlm.data.format import ShardSink, encode_image
-from vlm.data.pipeline import ShardStream, SkipCounter, StreamPosition, check_shards, collate_stream, list_shards
+from vlm.data.pipeline import (
+    ShardStream,
+    SkipCounter,
+    Source,
+    StreamPosition,
+    check_shards,
+    collate_stream,
+    list_shards,
+    mixture,
+)
 from vlm.processor import Processor
 from vlm.tiling import plan_tiles, visual_tokens
 from vlm.tokenizer import build_tokenizer
@@ -316,3 +325,69 @@ def test_bad_sources_fail_before_training(tmp_path, http_root):
         with pytest.raises(ValueError, match="is not a tar file"):
             check_shards([f"{base}/notes.tar"])
         check_shards([f"{base}/train-000000.tar"])  # served, a tar: no error
+
+
+def _two_sources(tmp_path, weights=(0.7, 0.3)) -> list[Source]:
+    _write_corpus(tmp_path / "a", n=6, per_shard=2, prefix="a", key="a")
+    _write_corpus(tmp_path / "b", n=6, per_shard=2, prefix="b", key="b")
+    return mixture([{"name": "vqa", "train": [str(tmp_path / "a")], "weight": weights[0]},
+                    {"name": "caps", "train": [str(tmp_path / "b" / "b-{000000..000002}.tar")], "weight": weights[1]}])
+
+
+def test_mixture_draws_by_weight_and_counts_per_source(tmp_path):
+    """Weights 0.7 / 0.3: over 2,000 samples the per-source counts (StreamPosition.sources, what the run logs) are
+    within 3 points of the weights; each batch says its samples' sources; each source makes its own passes."""
+    stream = ShardStream(_two_sources(tmp_path), _processor(), seed=1, epochs=None, shuffle_buffer=4)
+    position, order = StreamPosition(), []
+    for batch in _loader(stream, batch_size=8):
+        position.update(batch)
+        assert [k[0] for k in batch["keys"]] == ["a" if s == "vqa" else "b" for s in batch["sources"]]
+        order += batch["keys"]
+        if len(order) >= 2000:
+            break
+    assert sum(position.sources.values()) == 2000
+    assert abs(position.sources["vqa"] / 2000 - 0.7) < 0.03 and abs(position.sources["caps"] / 2000 - 0.3) < 0.03
+    from_a = [k for k in order if k.startswith("a")]
+    assert all(len(set(from_a[i:i + 6])) == 6 for i in range(0, 600, 6))  # source a's passes: each sample once
+    assert StreamPosition.from_state(position.state_dict()).sources == position.sources
+
+
+def test_finite_mixture_delivers_every_sample_and_resumes_exactly(tmp_path):
+    """One pass of each source: every sample once, whatever the weights (a source that runs out leaves the others);
+    a restored position continues the mixed stream exactly (2 workers)."""
+    sources = _two_sources(tmp_path, weights=(0.9, 0.1))
+    keys = [k for b in _loader(ShardStream(sources, _processor(), seed=2, epochs=1, shuffle_buffer=3)) for k in
+            b["keys"]]
+    assert sorted(keys) == sorted([f"a{i:04d}" for i in range(6)] + [f"b{i:04d}" for i in range(6)])
+    make = lambda position=None: ShardStream(sources, _processor(), seed=2, epochs=None, shuffle_buffer=3,
+                                             position=position)
+    position, reference = StreamPosition(), []
+    for i, batch in enumerate(_loader(make(), workers=2)):
+        if i < 5:
+            position.update(batch)
+        else:
+            reference.append((batch["keys"], batch["sources"]))
+        if len(reference) == 6:
+            break
+    resumed = []
+    for batch in _loader(make(StreamPosition.from_state(position.state_dict())), workers=2):
+        resumed.append((batch["keys"], batch["sources"]))
+        if len(resumed) == 6:
+            break
+    assert resumed == reference
+
+
+def test_bad_mixtures_are_refused(tmp_path):
+    _write_corpus(tmp_path / "a", n=2, per_shard=2, prefix="a", key="a")
+    a = [str(tmp_path / "a")]
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        mixture([{"name": "a", "train": a, "weight": 0}])
+    with pytest.raises(ValueError, match="distinct names"):
+        mixture([{"name": "a", "train": a}, {"name": "a", "train": a}])
+    with pytest.raises(ValueError, match="needs name, train"):
+        mixture([{"name": "a", "shards": a}])
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        mixture([{"name": "a", "train": a}, {"name": "b", "train": [str(tmp_path / "none-*.tar")]}])
+    stream = ShardStream(mixture([{"name": "a", "train": a}]), _processor(), epochs=None, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"fewer shards than the 2 readers .*a \(1\)"):
+        next(iter(stream))  # 2 ranks, 1 shard: rank 1 would never draw from it

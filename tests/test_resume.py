@@ -4,6 +4,7 @@ batches: none skipped, none repeated. Three runs of train.py per case, ~30 s on 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -23,9 +24,17 @@ CORPUS = dict(n_train=16, n_val=0, n_test=0, shard_size=4, detail="low")  # 4 sh
 EVERY, STEPS = 3, 9  # checkpoints at steps 3, 6 and 9; killed after the first; 18+ samples: 2 passes
 
 
-def _train(corpus: Path, run_dir: Path, workers: int, accumulate: int) -> subprocess.Popen:
+def _mixture(corpus: Path) -> list[str]:
+    """data=mixture over the corpus' 4 training shards: two sources of 2 shards, weights 0.7 / 0.3."""
+    shards = lambda span: f'["{corpus}/train/train-00000{{{span}}}.tar"]'
+    return ["data=mixture", "data.build_corpus=true",
+            f"data.sources=[{{name: a, train: {shards('0..1')}, weight: 0.7}}, "
+            f"{{name: b, train: {shards('2..3')}, weight: 0.3}}]"]
+
+
+def _train(corpus: Path, run_dir: Path, workers: int, accumulate: int, mix: bool = False) -> subprocess.Popen:
     args = [sys.executable, "train.py", f"data.root={corpus}", f"hydra.run.dir={run_dir}", "experiment=tiny_random",
-            "vision_pretrain=null",
+            "vision_pretrain=null", *(_mixture(corpus) if mix else []),
             *(f"+data.corpus.{k}={v}" for k, v in CORPUS.items()),
             f"trainer.max_steps={STEPS}", f"checkpoint.every_n_steps={EVERY}", "log_samples=true", "logger=none",
             f"data.num_workers={workers}", f"trainer.accumulate_grad_batches={accumulate}", "data.batch_size=2",
@@ -46,13 +55,13 @@ def _samples(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("workers,accumulate", [(0, 1), (2, 3)])
-def test_killed_run_resumes_exactly(tmp_path, workers, accumulate):
+@pytest.mark.parametrize("workers,accumulate,mix", [(0, 1, False), (2, 3, False), (2, 1, True)])
+def test_killed_run_resumes_exactly(tmp_path, workers, accumulate, mix):
     """In the main process; and with 2 DataLoader worker processes (which prefetch beyond what the steps consumed)
     and 3 batches per optimizer step, checkpointed after an odd number of batches (9), so that the workers'
-    round-robin must continue with the other worker."""
+    round-robin must continue with the other worker; and with a weighted mixture of two sources (data=mixture)."""
     corpus, ref, run = tmp_path / "synthetic", tmp_path / "ref", tmp_path / "run"  # the 1st run builds the corpus
-    train = lambda run_dir: _train(corpus, run_dir, workers, accumulate)
+    train = lambda run_dir: _train(corpus, run_dir, workers, accumulate, mix)
     out = _finish(train(ref))  # uninterrupted
     assert "resuming" not in out and "MFU peak:" in out  # the measured peak is noted in the log
 
@@ -79,8 +88,15 @@ def test_killed_run_resumes_exactly(tmp_path, workers, accumulate):
     assert [s["batch"] for s in consumed] == list(range(STEPS * accumulate)) == [s["batch"] for s in reference]
     assert [s["stream_index"] for s in consumed] == [s["stream_index"] for s in reference]
     assert [s["keys"] for s in consumed] == [s["keys"] for s in reference]
+    if mix:  # each sample's source in samples.jsonl; both sources drawn; restored per-source counts
+        assert [s["sources"] for s in consumed] == [s["sources"] for s in reference]
+        drawn = [name for s in reference for name in s["sources"]]
+        assert set(drawn) == {"a", "b"}
+        assert stream_position(at_kill).sources == dict(collections.Counter(
+            name for s in killed[:done] for name in s["sources"]))
     first_pass = [k for s in reference for k in s["keys"]][:16]
-    assert len(set(first_pass)) == 16  # the reference itself reads each sample once per pass
+    assert mix or len(set(first_pass)) == 16  # the reference itself reads each sample once per pass (a mixture's
+    # sources make their own passes)
 
     final, expected = read_checkpoint(run / "checkpoint.pt"), read_checkpoint(ref / "checkpoint.pt")
     assert final["steps"] == expected["steps"] == STEPS

@@ -8,8 +8,8 @@ import lightning as L
 
 
 class SampleLog(L.Callback):
-    """Appends what each training step consumed (batch number, sample keys, stream indices) to a JSON-lines file:
-    which data a step saw, and the check that a resumed run neither skips nor repeats a sample."""
+    """Appends what each training step consumed (batch number, sample keys, stream indices, a mixture's source names)
+    to a JSON-lines file: which data a step saw, and the check that a resumed run neither skips nor repeats a sample."""
 
     def __init__(self, path):
         self.path = path
@@ -17,5 +17,7 @@ class SampleLog(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch: dict, batch_idx: int) -> None:
         line = {"rank": trainer.global_rank, "batch": module.stream_position.batches - 1, "step": trainer.global_step,
                 "keys": batch["keys"], "stream_index": batch["stream_index"].tolist()}
+        if "sources" in batch:  # a mixture: each sample's source
+            line["sources"] = batch["sources"]
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")

@@ -127,6 +127,8 @@ class VLMLitModule(L.LightningModule):
         throughput and MFU of the step (from the wall time since the previous one; none for the first)."""
         counts, dt = self.meter.step()
         metrics = {"lr": optimizer.param_groups[0]["lr"]} | self.model.fusion.metrics()
+        # a mixture: the samples this rank consumed from each source so far (restored with the stream on resume)
+        metrics |= {f"samples/{name}": float(n) for name, n in sorted(self.stream_position.sources.items())}
         if dt is not None:
             metrics |= {f"{k}_per_s": counts[k] / dt for k in RATES}
             metrics |= {"step_time_s": dt, "mfu": step_flops(self.model, counts) / dt / self.peak_flops}

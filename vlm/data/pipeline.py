@@ -136,25 +136,63 @@ class StreamPosition:
 
     consumed: dict[int, int] = field(default_factory=dict)
     batches: int = 0
+    sources: dict[str, int] = field(default_factory=dict)  # a mixture's samples consumed per source (logged)
 
     def update(self, batch: dict) -> None:
         for worker, index in batch["stream_index"].tolist():
             self.consumed[worker] = max(self.consumed.get(worker, 0), index + 1)
+        for name in batch.get("sources", ()):
+            self.sources[name] = self.sources.get(name, 0) + 1
         self.batches += 1
 
     def state_dict(self) -> dict:
-        return {"consumed": {str(k): v for k, v in self.consumed.items()}, "batches": self.batches}
+        return {"consumed": {str(k): v for k, v in self.consumed.items()}, "batches": self.batches,
+                "sources": dict(self.sources)}
 
     @classmethod
     def from_state(cls, state: dict | None) -> StreamPosition:
         if not state:
             return cls()
-        return cls({int(k): v for k, v in state["consumed"].items()}, state["batches"])
+        return cls({int(k): v for k, v in state["consumed"].items()}, state["batches"], dict(state.get("sources", {})))
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of a weighted mixture (`data.sources`): its shards (any spelling list_shards takes) and its
+    share of the samples."""
+
+    name: str
+    shards: tuple[str, ...]
+    weight: float = 1.0
+
+    @classmethod
+    def from_config(cls, entry: Mapping) -> Source:
+        unknown = set(entry) - {"name", "train", "weight"}
+        if unknown or "name" not in entry or "train" not in entry:
+            raise ValueError(f"a mixture source needs name, train (and weight); got keys {sorted(entry)}")
+        weight = float(entry.get("weight", 1.0))
+        if not weight > 0:
+            raise ValueError(f"mixture source {entry['name']!r}: weight must be > 0, got {weight}")
+        return cls(str(entry["name"]), tuple(list_shards(entry["train"])), weight)
+
+
+def mixture(entries: Sequence[Mapping]) -> list[Source]:
+    """`data.sources` -> Sources, checked: at least one, unique names, weights > 0, every source's shards found."""
+    sources = [Source.from_config(e) for e in entries]
+    names = [s.name for s in sources]
+    if not sources or len(set(names)) != len(names):
+        raise ValueError(f"data.sources needs one or more sources with distinct names, got {names}")
+    return sources
 
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Decoded training samples from WebDataset shards; see the module docstring.
 
+    shards: any spelling list_shards takes, or a list of `Source`s: a weighted mixture. Each source is its own stream
+    (its own shard order, shuffle buffer and split between readers); every sample of the mixed stream is drawn from
+    source i with probability weight_i / sum(weights) by a seeded RNG, so the mixed stream is as much a pure function
+    of (seed, split) as one source's, and exact resume works unchanged (the index counts mixed samples). A finite
+    source that runs out leaves the others to go on.
     epochs: number of passes (None = endless, the usual choice with `max_steps`); resampled: draw shards with
     replacement instead of shuffled passes; strict: raise on the first bad sample instead of skipping it.
     split: "shard" or "sample" (module docstring); batch_size: the per-rank batch, which "sample" needs with
@@ -167,7 +205,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                  world_size: int | None = None, position: StreamPosition | None = None, split: str = "shard",
                  batch_size: int = 1):
         super().__init__()
-        self.shards = list_shards(shards)
+        if isinstance(shards, Sequence) and shards and all(isinstance(x, Source) for x in shards):
+            self.sources: list[Source] | None = list(shards)
+            self.shards = [shard for src in self.sources for shard in src.shards]
+        else:
+            self.sources, self.shards = None, list_shards(shards)
         self.processor = processor
         self.seed, self.epochs, self.resampled = seed, epochs, resampled
         self.shuffle_shards, self.shuffle_buffer = shuffle_shards, shuffle_buffer
@@ -185,21 +227,47 @@ class ShardStream(torch.utils.data.IterableDataset):
         return (w + self.position.batches) % n, n
 
     def raw(self, split: int, splits: int) -> Iterator[dict]:
-        """This split's raw samples, in their deterministic order (shuffled shards + shuffle buffer)."""
+        """This split's raw samples, in their deterministic order (shuffled shards + shuffle buffer; a mixture: each
+        source's own such stream, drawn from by weight)."""
+        if self.sources is None:
+            yield from self._source_raw(self.shards, "", split, splits)
+            return
+        if self.split == "shard" and not self.resampled:
+            short = [f"{s.name} ({len(s.shards)})" for s in self.sources if len(s.shards) < splits]
+            if short:  # a reader without shards of a source would silently never draw from it
+                raise ValueError(f"mixture sources with fewer shards than the {splits} readers (ranks x workers): "
+                                 f"{', '.join(short)}; give them more shards or set data.split=sample")
+        streams = [self._source_raw(list(s.shards), f"-{s.name}", split, splits) for s in self.sources]
+        names, weights = [s.name for s in self.sources], [s.weight for s in self.sources]
+        rng, live = random.Random(f"{self.seed}-mix-{split}"), list(range(len(streams)))
+        while live:
+            i = rng.choices(live, [weights[j] for j in live])[0]
+            sample = next(streams[i], None)
+            if sample is None:  # a finite source ran out
+                live.remove(i)
+                continue
+            sample["__source__"] = names[i]
+            yield sample
+
+    def _source_raw(self, shards: list[str], tag: str, split: int, splits: int) -> Iterator[dict]:
+        """One source's raw samples for this split; `tag` keeps a mixture's sources on their own seeds (one source:
+        no tag, the seeds of the single-source stream)."""
         stats = self._stats
         if self.resampled:
-            rng = random.Random(f"{self.seed}-resample-{split}")
-            shards = (rng.choice(self.shards) for _ in itertools.count())
+            rng = random.Random(f"{self.seed}{tag}-resample-{split}")
+            shards = (rng.choice(shards) for _ in itertools.count())
             yield from self._buffered(itertools.chain.from_iterable(read_tar(s, stats) for s in shards),
-                                      random.Random(f"{self.seed}-buffer-{split}"))
+                                      random.Random(f"{self.seed}{tag}-buffer-{split}"))
             return
         for epoch in itertools.count() if self.epochs is None else range(self.epochs):
-            order = list(self.shards)
+            order = list(shards)
             if self.shuffle_shards:
-                random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
+                random.Random(f"{self.seed}{tag}-shards-{epoch}").shuffle(order)
             mine = order[split::splits]  # shard-level split: every sample of an epoch goes to exactly one split
+            if not mine:  # fewer shards than splits: this split has none (endless would spin forever)
+                return
             stream = itertools.chain.from_iterable(read_tar(s, stats) for s in mine)
-            yield from self._buffered(stream, random.Random(f"{self.seed}-buffer-{split}-{epoch}"))
+            yield from self._buffered(stream, random.Random(f"{self.seed}{tag}-buffer-{split}-{epoch}"))
 
     def _buffered(self, stream: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
@@ -288,6 +356,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise SampleError("too_long", f"sample {key}: {len(sample['input_ids'])} tokens > {self.max_length}")
         sample["key"] = key
         sample["meta"] = record.get("meta", {})
+        if "__source__" in raw:
+            sample["source"] = raw["__source__"]
         return sample
 
 
@@ -304,18 +374,22 @@ def collate_stream(samples: list[dict], *, pad_token_id: int, padding_side: str 
     batch["stream_stats"] = {s["stream_index"][0]: s["stream_stats"] for s in samples}
     batch["keys"] = [s["key"] for s in samples]
     batch["meta"] = [s["meta"] for s in samples]
+    if "source" in samples[0]:  # a mixture: which source each sample came from
+        batch["sources"] = [s["source"] for s in samples]
     return batch
 
 
 def train_loader(data: Mapping, processor: Processor, *, seed: int, position: StreamPosition | None = None
                  ) -> torch.utils.data.DataLoader:
     """The endless training stream a data config describes (`configs/data/*.yaml`): `train` (shards: a folder, glob,
-    brace pattern, URL or list), `batch_size`, `num_workers`, `shuffle_buffer`, `max_length`, `split`; batched in the
-    DataLoader's workers. `position`: continue at the exact next sample of a resumed run."""
-    check_shards(list_shards(data["train"]))  # a missing or unreadable source fails here, before any step
-    stream = ShardStream(data["train"], processor, seed=seed, epochs=None, shuffle_buffer=data["shuffle_buffer"],
-                         max_length=data["max_length"], split=data["split"], batch_size=data["batch_size"],
-                         position=position)
+    brace pattern, URL or list) or `sources` (a weighted mixture [{name, train, weight}], `mixture`), `batch_size`,
+    `num_workers`, `shuffle_buffer`, `max_length`, `split`; batched in the DataLoader's workers. `position`:
+    continue at the exact next sample of a resumed run."""
+    sources = mixture(data["sources"]) if data.get("sources") else None
+    stream = ShardStream(sources or data["train"], processor, seed=seed, epochs=None,
+                         shuffle_buffer=data["shuffle_buffer"], max_length=data["max_length"], split=data["split"],
+                         batch_size=data["batch_size"], position=position)
+    check_shards(stream.shards)  # a missing or unreadable source fails here, before any step
     return torch.utils.data.DataLoader(
         stream, batch_size=data["batch_size"], num_workers=data["num_workers"],
         collate_fn=functools.partial(collate_stream, pad_token_id=processor.tokenizer.pad_token_id),
