@@ -123,3 +123,17 @@ def test_text_only_stays_smollm2_with_open_gates(pair, smollm2):
         with torch.no_grad():
             for n, p in model.fusion.named_parameters():
                 p.copy_(saved[n])
+
+
+def test_converting_a_package_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
+    """The conversion builds a randomly initialised model (here timm's efficientnet_lite0) to name the tensors; it
+    must not move the global RNG, or a run that converts (a fresh machine) would init its trained parts unlike
+    every later run with the same seed."""
+    from vlm.pretrained import resolve
+
+    monkeypatch.setenv("VLM_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    path = resolve("packaged:efficientnet_lite0")
+    assert path.startswith(str(tmp_path)) and torch.equal(torch.rand(3), expected)

@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 
 class MissingWeightsError(RuntimeError):
     pass
@@ -113,7 +115,10 @@ def resolve(source: str | None) -> str | None:
             if not (out / "DONE").is_file():  # another process may have converted it meanwhile
                 tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
                 try:
-                    globals()[spec.convert](path, tmp / spec.target if spec.target != "hf" else tmp)
+                    # forked: the conversion's random init must not move the caller's RNG (a run on a fresh machine,
+                    # which converts, would otherwise init its trained parts unlike every later run of the seed)
+                    with torch.random.fork_rng(devices=[]):
+                        globals()[spec.convert](path, tmp / spec.target if spec.target != "hf" else tmp)
                     (tmp / "DONE").write_text(f"{spec.dist}=={spec.version}\n")
                     shutil.rmtree(out, ignore_errors=True)
                     os.replace(tmp, out)

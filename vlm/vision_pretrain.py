@@ -46,7 +46,8 @@ from vlm.tiling import tile_image
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # of the stage-0 recipe: part of the cache key, bump it when the objective or preprocessing changes
+VERSION = 3  # of the stage-0 recipe: part of the cache key, bump it when the objective or preprocessing changes
+# (3: results written on a machine that converted the packaged weights in the same run had another init, 2026-12-03)
 PREFIXES = ("vision.", "visual.global_resampler.", "visual.tile_resampler.", "visual.tile_queries")  # what it trains
 
 
