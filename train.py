@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.checkpoint import save_checkpoint
+from vlm.checkpoint import init_from, save_checkpoint
 from vlm.cli import ensure_converted, ensure_task_data
 from vlm.data.synthetic import ensure_corpus
 from vlm.eval.runner import evaluate_config
@@ -45,6 +45,12 @@ def main(cfg: DictConfig) -> None:
     module = VLMLitModule(instantiate(cfg.model), optimizer=instantiate(cfg.optim), schedule=instantiate(cfg.schedule),
                           max_steps=trainer.max_steps, mfu_peak_tflops=cfg.mfu_peak_tflops, run_config=run_config,
                           gate_lr_scale=cfg.get("gate_lr_scale", 1.0))
+    loaded = None
+    if cfg.get("init_from") and not resume:  # a later stage of a recipe: the trained weights of an earlier run
+        loaded = init_from(module.model, to_absolute_path(cfg.init_from))
+        print(f"init_from {loaded['checkpoint']}: loaded {loaded['loaded']} tensors; not in this model: "
+              f"{len(loaded['unused'])} {loaded['unused'][:5]}; starting from their init: {len(loaded['fresh'])} "
+              f"{loaded['fresh'][:5]}")
     stage0 = None
     if cfg.get("vision_pretrain") is not None and not resume:  # a resumed run's checkpoint holds the pretrained weights
         stage0 = ensure_pretrained_vision(module.model, root, VisionPretrainConfig(**cfg.vision_pretrain), cfg.seed)
@@ -65,6 +71,7 @@ def main(cfg: DictConfig) -> None:
                         info={"checkpoint": str(path)})
     if trainer.is_global_zero:
         write_run_summary(run_dir, steps=trainer.global_step, train_seconds=train_seconds, vision_pretrain=stage0,
+                          init_from=loaded,
                           total_seconds=time.perf_counter() - start, eval_after=cfg.eval_after,
                           overrides=list(HydraConfig.get().overrides.task))
 

@@ -3,6 +3,7 @@ as plain checkpoints, Lightning training checkpoints and stage-0 caches."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from _tiny import build, mixed_batch
 
@@ -47,3 +48,37 @@ def test_checkpoints_say_their_format(tmp_path):
     assert blob["format_version"] == FORMAT_VERSION and blob["steps"] == 3
     assert blob["model_config"] == model.cfg.to_dict() and blob["state_dict"].keys() == model.checkpoint_state_dict(
         ).keys()
+
+
+def test_init_from_loads_an_earlier_stage_and_refuses_another_model(tmp_path):
+    """init_from (train.py `init_from=`): a stage-1 checkpoint's trained weights into a stage-2 model of the same
+    encoder and LLM, whatever else the stage changes (here prefix -> xattn fusion: the resamplers and view
+    embeddings carry over, the fusion starts fresh and the projector goes unused); another model is refused."""
+    from vlm.checkpoint import init_from
+
+    stage1, _ = build("model/fusion=prefix", seed=1)
+    path = save_checkpoint(tmp_path / "stage1.pt", stage1)
+    stage2, _ = build(seed=2)
+    report = init_from(stage2, path)
+    own = stage2.state_dict()
+    for name, weight in stage1.checkpoint_state_dict().items():
+        if name.startswith("visual."):
+            assert torch.equal(own[name], weight), name
+    assert report["loaded"] > 0 and report["unused"] and all(k.startswith("fusion.proj") for k in report["unused"])
+    assert report["fresh"] and all(k.startswith(("fusion.", "learned_tokens.")) for k in report["fresh"])  # xattn's
+    # a whole-model Lightning checkpoint reads the same
+    lightning = {"pytorch-lightning_version": "2", "model_config": stage1.cfg.to_dict(),
+                 "state_dict": {f"model.{k}": v for k, v in stage1.checkpoint_state_dict().items()}}
+    torch.save(lightning, tmp_path / "last.ckpt")
+    assert init_from(build(seed=3)[0], tmp_path / "last.ckpt")["loaded"] == report["loaded"]
+
+    wider, _ = build("model.global_resampler.dim_head=16", seed=1)  # other attention widths
+    torch.save({"model_config": stage1.cfg.to_dict(), "state_dict": wider.checkpoint_state_dict()},
+               tmp_path / "wider.pt")
+    with pytest.raises(ValueError, match="tensors differ in shape"):
+        init_from(build(seed=2)[0], tmp_path / "wider.pt")
+    other_lm = stage1.cfg.to_dict()
+    other_lm["lm"]["hf_config"] = {**other_lm["lm"]["hf_config"], "num_hidden_layers": 3}
+    torch.save({"model_config": other_lm, "state_dict": stage1.checkpoint_state_dict()}, tmp_path / "other_lm.pt")
+    with pytest.raises(ValueError, match="trained on another lm"):
+        init_from(build(seed=2)[0], tmp_path / "other_lm.pt")

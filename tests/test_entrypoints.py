@@ -96,6 +96,14 @@ def test_official_files_to_shards_to_training_to_official_eval(tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     assert "after 2 steps" in train.stdout
     assert not (tmp_path / "no_corpus").exists()  # data=shards builds no synthetic corpus
+    stage2 = subprocess.run([sys.executable, "train.py", "data=shards", f'data.train=["{shards}"]',  # a folder
+                             "experiment=tiny_random", "vision_pretrain=null", "trainer.max_steps=1",
+                             f"init_from={run}/checkpoint.pt", "data.batch_size=2", "data.num_workers=0",
+                             "logger=none", f"hydra.run.dir={tmp_path}/stage2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert stage2.returncode == 0, stage2.stderr[-3000:]
+    summary = json.loads((tmp_path / "stage2" / "run.json").read_text())["init_from"]
+    assert summary["checkpoint"] == f"{run}/checkpoint.pt" and summary["loaded"] > 0 and not summary["fresh"]
     ev = subprocess.run([sys.executable, "eval.py", "task=vqav2", f"checkpoint={run}/checkpoint.pt", f"data_root={vqa}",
                          "batch_size=2", "max_new_tokens=2", f"hydra.run.dir={tmp_path}/eval"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)

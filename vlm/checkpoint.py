@@ -84,3 +84,33 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             changed.append(f"{prefix}{key}")
     return changed
+
+
+def init_from(model: VLM, path: str | Path) -> dict:
+    """Start a run from an earlier run's trained weights (a recipe's stage 2 from its stage 1): every tensor of the
+    checkpoint (`checkpoint.pt` or a training `last.ckpt`) that this model has is loaded; only weights are read, so
+    the optimizer, schedule and data position start fresh. Returns what was loaded, what the checkpoint held that
+    this model lacks (`unused`) and which of this model's trained weights start from their init (`fresh`).
+    Refused before any step when the checkpoint is of another model: another encoder or LLM, a tensor of another
+    shape, or none of this model's weights."""
+    blob = read_checkpoint(path)
+    weights = trained_weights(blob)
+    theirs = blob.get("model_config") or {}
+    for part in ("vision", "lm"):  # the frozen parts its trained weights were fitted to
+        old, new = theirs.get(part, {}), model.cfg.to_dict()[part]
+        keys = ("name", "hf_config") if part == "lm" else ("name", "feature_layer", "hf_config")
+        if old and any(old.get(k) != new.get(k) for k in keys):
+            raise ValueError(f"init_from={path}: trained on another {part} "
+                             f"({ {k: old.get(k) for k in keys} } != { {k: new.get(k) for k in keys} })")
+    own = model.state_dict()
+    differ = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+              if k in own and own[k].shape != v.shape]
+    if differ:
+        raise ValueError(f"init_from={path}: a checkpoint of another model, {len(differ)} tensors differ in shape "
+                         f"(checkpoint vs this model): {'; '.join(differ[:3])}")
+    loaded = {k: v for k, v in weights.items() if k in own}
+    if not loaded:
+        raise ValueError(f"init_from={path}: none of its {len(weights)} tensors is a weight of this model")
+    model.load_state_dict(loaded, strict=False)
+    return {"checkpoint": str(path), "loaded": len(loaded), "unused": sorted(set(weights) - set(own)),
+            "fresh": sorted(set(model.checkpoint_state_dict()) - set(loaded))}
