@@ -317,10 +317,10 @@ def test_bad_sources_fail_before_training(tmp_path, http_root):
         list_shards(str(tmp_path / "nothing-*.tar"))  # an empty glob
     with pytest.raises(FileNotFoundError, match="1 of 2 training shards do not exist: .*missing-000000.tar"):
         check_shards([*list_shards(root / "train-000000.tar"), str(tmp_path / "missing-000000.tar")])
-    with pytest.raises(FileNotFoundError, match="cannot read the training shard pipe:false|is not a tar"):
+    with pytest.raises(FileNotFoundError, match="cannot read the training shard pipe:false"):
         check_shards(["pipe:false"])
     if shutil.which("curl"):
-        with pytest.raises((FileNotFoundError, ValueError), match=f"{base}/missing.tar"):
+        with pytest.raises(FileNotFoundError, match=f"cannot read the training shard {base}/missing.tar"):
             check_shards([f"{base}/missing.tar"])  # 404
         with pytest.raises(ValueError, match="is not a tar file"):
             check_shards([f"{base}/notes.tar"])

@@ -105,6 +105,8 @@ def check_shards(shards: list[str]) -> None:
                 stream.close()
     except Exception as e:  # noqa: BLE001 - whatever the scheme's opener raises, said with the URL
         raise FileNotFoundError(f"cannot read the training shard {url}: {e}") from e
+    if not head:  # a failed command or request, if its exit status was not seen yet
+        raise FileNotFoundError(f"cannot read the training shard {url}: it gave no bytes")
     if not (head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b"):  # a tar header, or gzip around one
         raise ValueError(f"the training shard {url} is not a tar file ({len(head)} bytes read: {head[:40]!r})")
 
