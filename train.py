@@ -23,7 +23,14 @@ from vlm.cli import ensure_converted, ensure_task_data
 from vlm.data.synthetic import ensure_corpus
 from vlm.eval.runner import evaluate_config
 from vlm.lit import VLMLitModule, quiet_lightning
-from vlm.training import resume_checkpoint, resume_position, run_callbacks, run_loader, write_run_summary
+from vlm.training import (
+    resume_checkpoint,
+    resume_position,
+    run_callbacks,
+    run_loader,
+    run_val_loader,
+    write_run_summary,
+)
 from vlm.vision_pretrain import VisionPretrainConfig, ensure_pretrained_vision
 
 
@@ -57,7 +64,7 @@ def main(cfg: DictConfig) -> None:
     position = resume_position(resume, run_config, trainer) if resume else None  # Lightning restores the rest
     loader = run_loader(cfg.data, module, trainer, seed=cfg.seed, position=position)
     fit_start = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=resume)
+    trainer.fit(module, loader, run_val_loader(cfg.data, module), ckpt_path=resume)
     train_seconds = time.perf_counter() - fit_start
     path = run_dir / "checkpoint.pt"
     state = trainer.strategy.lightning_module_state_dict()  # every rank takes part: FSDP gathers to rank 0 here

@@ -112,3 +112,29 @@ def test_official_files_to_shards_to_training_to_official_eval(tmp_path):
     assert m["n"] == 4 and m["checkpoint"] == f"{run}/checkpoint.pt" and 0 <= m["overall"] <= 100
     submission = json.loads((tmp_path / "eval" / "submission.json").read_text())
     assert sorted(r["question_id"] for r in submission) == [10, 13, 21, 32]
+
+
+def test_validation_loss_is_logged_and_the_best_checkpoint_kept(tmp_path):
+    """data.val: the validation loss every trainer.val_check_interval batches in the CSV log, and
+    checkpoints/best.ckpt holding the lowest of them beside last.ckpt."""
+    import csv
+
+    import torch
+
+    corpus = ["+data.corpus.n_train=8", "+data.corpus.n_val=4", "+data.corpus.n_test=0", "+data.corpus.shard_size=4"]
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, "train.py", f"data.root={tmp_path}/synthetic", *corpus,
+                            "experiment=tiny_random", "vision_pretrain=null", "trainer.max_steps=6",
+                            f"data.val={tmp_path}/synthetic/val", "trainer.val_check_interval=2",
+                            "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=3", "data.batch_size=2",
+                            "data.num_workers=0", f"hydra.run.dir={run}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    (log,) = run.glob("logs/*/metrics.csv")
+    rows = list(csv.DictReader(log.open()))
+    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+    assert len(val) == 3 and all(v > 0 for _, v in val)  # after batches 2, 4 and 6
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    (callback,) = [v for k, v in best["callbacks"].items() if "val_loss" in k]
+    assert callback["best_model_score"].item() == min(v for _, v in val)
+    assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -112,6 +112,12 @@ class VLMLitModule(L.LightningModule):
         self.log("loss", loss, prog_bar=True, sync_dist=True)  # the mean over ranks: the step's token mean
         return loss
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """`data.val`'s loss (the token mean of each batch, averaged over the batches), logged as `val_loss`; the
+        training stream position is untouched (validation batches are not training data)."""
+        loss = self.model(batch, logits=False).loss
+        self.log("val_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch["keys"]))
+
     def on_train_start(self) -> None:
         if self.mfu_peak_tflops is not None:
             self.peak_flops = self.mfu_peak_tflops * 1e12

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlm.callbacks import SampleLog
 from vlm.checkpoint import LAST, config_changes, read_checkpoint
-from vlm.data.pipeline import StreamPosition, train_loader
+from vlm.data.pipeline import StreamPosition, train_loader, val_loader
 from vlm.processor import Processor
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,13 @@ def run_loader(data, module, trainer, *, seed: int, position: StreamPosition | N
     if trainer.accumulate_grad_batches > 1:
         return StepTokens(loader, trainer.accumulate_grad_batches, module.model.num_label_tokens)
     return loader
+
+
+def run_val_loader(data, module):
+    """`data.val`'s batches for the validation loss (every `trainer.val_check_interval` training batches), or None."""
+    if not data.get("val"):
+        return None
+    return val_loader(data, Processor(module.cfg, module.model.tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------------- resume
@@ -74,11 +81,14 @@ def resume_position(path: Path, run_config: dict, trainer) -> StreamPosition:
 
 # ------------------------------------------------------------------------------------------ callbacks, run.json
 def run_callbacks(cfg, run_dir: Path) -> list:
-    """`<run_dir>/checkpoints/last.ckpt` every `checkpoint.every_n_steps` optimizer steps (0: none), and the
-    per-batch sample log with `log_samples`."""
+    """`<run_dir>/checkpoints/last.ckpt` every `checkpoint.every_n_steps` optimizer steps (0: none), `best.ckpt`
+    (the lowest `val_loss`) when the data config has `val`, and the per-batch sample log with `log_samples`."""
     every = cfg.checkpoint.every_n_steps
     callbacks = [ModelCheckpoint(run_dir / LAST.parent, every_n_train_steps=every, save_top_k=0, save_last=True,
                                  enable_version_counter=False)] if every else []
+    if cfg.data.get("val"):  # the best checkpoint by the validation loss, beside last.ckpt
+        callbacks.append(ModelCheckpoint(run_dir / LAST.parent, filename="best", monitor="val_loss", mode="min",
+                                         save_top_k=1, enable_version_counter=False))
     if cfg.log_samples:
         callbacks.append(SampleLog(run_dir / "samples.jsonl"))
     return callbacks

@@ -398,6 +398,17 @@ def train_loader(data: Mapping, processor: Processor, *, seed: int, position: St
         persistent_workers=data["num_workers"] > 0)
 
 
+def val_loader(data: Mapping, processor: Processor) -> torch.utils.data.DataLoader:
+    """One unshuffled pass over `data.val` (any spelling of `train`), for the validation loss; split between ranks
+    and workers as `data.split` says."""
+    stream = ShardStream(data["val"], processor, epochs=1, shuffle_shards=False, shuffle_buffer=0,
+                         max_length=data["max_length"], split=data["split"], batch_size=data["batch_size"])
+    check_shards(stream.shards)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=data["batch_size"], num_workers=data["num_workers"],
+        collate_fn=functools.partial(collate_stream, pad_token_id=processor.tokenizer.pad_token_id))
+
+
 class SkipCounter:
     """Main-process view of the bad samples skipped, summed over workers (each reports cumulative counts)."""
 
