@@ -391,11 +391,7 @@ def train_loader(data: Mapping, processor: Processor, *, seed: int, position: St
     stream = ShardStream(sources or data["train"], processor, seed=seed, epochs=None,
                          shuffle_buffer=data["shuffle_buffer"], max_length=data["max_length"], split=data["split"],
                          batch_size=data["batch_size"], position=position)
-    check_shards(stream.shards)  # a missing or unreadable source fails here, before any step
-    return torch.utils.data.DataLoader(
-        stream, batch_size=data["batch_size"], num_workers=data["num_workers"],
-        collate_fn=functools.partial(collate_stream, pad_token_id=processor.tokenizer.pad_token_id),
-        persistent_workers=data["num_workers"] > 0)
+    return _batched(stream, data, persistent=True)
 
 
 def val_loader(data: Mapping, processor: Processor) -> torch.utils.data.DataLoader:
@@ -403,10 +399,16 @@ def val_loader(data: Mapping, processor: Processor) -> torch.utils.data.DataLoad
     and workers as `data.split` says."""
     stream = ShardStream(data["val"], processor, epochs=1, shuffle_shards=False, shuffle_buffer=0,
                          max_length=data["max_length"], split=data["split"], batch_size=data["batch_size"])
+    return _batched(stream, data, persistent=False)
+
+
+def _batched(stream: ShardStream, data: Mapping, *, persistent: bool) -> torch.utils.data.DataLoader:
+    """A checked stream (a missing or unreadable source fails here, before any step), batched in its workers."""
     check_shards(stream.shards)
     return torch.utils.data.DataLoader(
         stream, batch_size=data["batch_size"], num_workers=data["num_workers"],
-        collate_fn=functools.partial(collate_stream, pad_token_id=processor.tokenizer.pad_token_id))
+        collate_fn=functools.partial(collate_stream, pad_token_id=stream.processor.tokenizer.pad_token_id),
+        persistent_workers=persistent and data["num_workers"] > 0)
 
 
 class SkipCounter:
