@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> None:
     print(f"checkpoint: {path}")
     out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     ensure_task_data(cfg)  # the synthetic task's corpus, built if missing
-    evaluate_config(cfg, lambda: load_checkpoint(path).eval(), out_dir, info={"checkpoint": str(path)})
+    evaluate_config(cfg, lambda: load_checkpoint(path, inference=True).eval(), out_dir, info={"checkpoint": str(path)})
 
 
 if __name__ == "__main__":

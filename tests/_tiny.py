@@ -17,6 +17,21 @@ CLOSED_GATES = "++model.fusion.gate_init=0.0"  # Flamingo's init (the tiny defau
 FROZEN_PAIR = ("model.freeze.llm=true", "model.freeze.resamplers=false")  # the design: only the LLM frozen, as real
 TINY_VIT = "model/vision=tiny_vit"  # a ViT, masked inside the encoder (the default is a ResNet)
 LMS = ["tiny_llama", "tiny_qwen2", "tiny_opt", "tiny_gpt2"]
+LORA = "model.lm.lora={r: 4, alpha: 8, targets: [q_proj, v_proj]}"
+
+
+def saved_tiny_lm(folder) -> list[str]:
+    """The tiny Llama saved as a pretrained folder (weights + the byte tokenizer), so that the VLM loads it from its
+    source as it would a real LLM: the overrides that use it. A sourced frozen LLM is not in checkpoints."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vlm.tokenizer import byte_tokenizer
+
+    lm = model_config().lm
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**lm.hf_config)).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return [f"model.lm.name={folder}", "model.lm.hf_config=null", "model.freeze.llm=true"]
 
 
 @functools.cache

@@ -154,3 +154,54 @@ def test_checkpointing_is_off_without_gradients():
         model(mixed_batch(proc))
     model.eval().generate(mixed_batch(proc, padding_side="left", labels=False), max_new_tokens=2)
     assert len(calls) == 1 + 2  # the forward; generation's prefill and one step
+
+
+def test_lora_trains_only_the_adapters_and_checkpoints_hold_only_trained_weights(tmp_path):
+    """model.lm.lora on a frozen LLM loaded from its folder: fresh adapters leave the LLM as it was (B = 0); training
+    changes only the adapters and the VLM's trained parts; the checkpoint holds the adapters and no base weight of the
+    LLM; loaded back it gives the same logits, and merged for inference the same up to float rounding."""
+    from _tiny import LORA, saved_tiny_lm
+
+    from vlm.checkpoint import load_checkpoint, save_checkpoint
+
+    sourced = saved_tiny_lm(tmp_path / "lm")
+    model, proc = build(*sourced, LORA)
+    plain, _ = build(*sourced)
+    batch = mixed_batch(proc)
+    assert len(model.lm.adapters()) == 4  # q_proj and v_proj of 2 layers
+    assert all(not p.any() for m in model.lm.adapters() for p in m.lora_B.parameters())
+    torch.testing.assert_close(model.lm.model(inputs_embeds=model.lm.embed(batch["input_ids"])).logits,
+                               plain.lm.model(inputs_embeds=plain.lm.embed(batch["input_ids"])).logits)
+
+    tensors = lambda: {**dict(model.named_parameters()), **dict(model.named_buffers())}  # each tensor once
+    before = {k: v.detach().clone() for k, v in tensors().items()}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {k for k, v in tensors().items() if not torch.equal(v, before[k])}
+    assert changed <= trained
+    lm_changed = {k for k in changed if k.startswith("lm.")}
+    assert lm_changed and all(".lora_" in k for k in lm_changed)
+    assert any(k.startswith("fusion.") for k in changed)
+
+    saved = model.checkpoint_state_dict()
+    adapters = {n for n, _ in model.named_parameters() if ".lora_" in n}
+    assert {k for k in saved if k.startswith("lm.")} == adapters
+    path = save_checkpoint(tmp_path / "checkpoint.pt", model)
+    model.eval()
+    reference = model(batch).logits
+    torch.testing.assert_close(load_checkpoint(path).eval()(batch).logits, reference, rtol=0, atol=0)
+    merged = load_checkpoint(path, inference=True).eval()
+    assert all(m.merged for m in merged.lm.adapters())
+    torch.testing.assert_close(merged(batch).logits, reference, rtol=1e-5, atol=1e-5)
+    gen = mixed_batch(proc, padding_side="left", labels=False)
+    assert torch.equal(merged.generate(gen, max_new_tokens=6), model.generate(gen, max_new_tokens=6))
+
+
+def test_lora_refuses_a_target_the_llm_does_not_have():
+    with pytest.raises(ValueError, match=r"lora.targets \['qkv'\]: no such layer"):
+        build("model.lm.lora={targets: [qkv]}")

@@ -63,14 +63,19 @@ def trained_weights(blob: dict) -> dict[str, torch.Tensor]:
     return upgrade_state_dict(blob["state_dict"])
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> VLM:
-    """Rebuild the model from the stored config (frozen parts from their source) and load the trained weights."""
+def load_checkpoint(path: str | Path, map_location: str = "cpu", *, inference: bool = False) -> VLM:
+    """Rebuild the model from the stored config (frozen parts from their source) and load the trained weights.
+    `inference` (eval.py, the server): LoRA adapters are merged into the LLM where its config says so
+    (`lm.lora.merge_for_inference`)."""
     blob = read_checkpoint(path, map_location)
     model = VLM(VLMConfig.from_dict(blob["model_config"]))
     try:
         model.load_trainable_state_dict(trained_weights(blob))
     except KeyError as e:
         raise KeyError(f"{path}: {e.args[0]}") from e
+    lora = model.cfg.lm.lora
+    if inference and lora is not None and lora.merge_for_inference:
+        model.lm.merge_adapters()
     return model
 
 

@@ -113,6 +113,20 @@ class FusionConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters on the LLM's linear layers (peft): W x + (alpha / r) B A x, B = 0 at init, so a model with
+    fresh adapters is exactly the LLM; only A and B train (the base weights stay frozen and come from their source)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # module names (peft target_modules)
+    # eval.py and the server fold B A into W once at load (one matmul per layer instead of three); the merged model's
+    # outputs equal the adapted one's up to float rounding (tests/test_lm.py). Training never merges.
+    merge_for_inference: bool = True
+
+
+@dataclass
 class LMConfig:
     """Any transformers causal LM: a hub id / local folder, or `hf_config` (with `model_type`) for tests."""
 
@@ -125,6 +139,7 @@ class LMConfig:
     # gates the VLM is exactly the LM reading that token at each image; null: the mean of the LM's embedding table
     image_token_init: str | None = None
     gradient_checkpointing: bool = False
+    lora: LoRAConfig | None = None  # adapters on the frozen LLM (null: none)
 
 
 @dataclass
@@ -176,7 +191,9 @@ def _from_dict(cls, d):
     kwargs = {}
     for name, annotation in names.items():
         if name in d:
-            sub = globals().get(annotation) if isinstance(annotation, str) else annotation
+            if isinstance(annotation, str):  # `X | None`: the dataclass X, or None
+                annotation = globals().get(annotation.removesuffix(" | None"))
+            sub = annotation
             nested = isinstance(sub, type) and is_dataclass(sub) and d[name] is not None
             kwargs[name] = _from_dict(sub, d[name]) if nested else d[name]
     return cls(**kwargs)

@@ -25,7 +25,7 @@ import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
-from vlm.config import LMConfig
+from vlm.config import LMConfig, LoRAConfig
 from vlm.layers import find_layer_stack
 from vlm.pretrained import missing_weights, resolve
 from vlm.tokenizer import IGNORE_INDEX
@@ -48,6 +48,22 @@ def build_lm(cfg: LMConfig) -> nn.Module:
         except OSError as e:
             raise missing_weights("language model", cfg.name, "model.lm.name (a local folder)", e) from e
     raise ValueError("LMConfig needs `name` (hub id or local folder) or `hf_config`")
+
+
+def add_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """LoRA adapters (peft) injected in place into the LLM's `cfg.targets` linear layers: each becomes a peft LoRA
+    layer around the original (`<name>.base_layer.weight`), with `lora_A` / `lora_B` beside it."""
+    # vs peft's get_peft_model: no PeftModel wrapper, so the LM keeps its own class, forward and module paths (the
+    # decoder stack is still found by shape, the fusion binds to the same layers) and the checkpoint keys stay ours.
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = {n.rpartition(".")[2] for n, m in model.named_modules() if n and not list(m.children())}
+    unknown = sorted(set(cfg.targets) - names)
+    if unknown:
+        raise ValueError(f"model.lm.lora.targets {unknown}: no such layer in the LLM (its layers: {sorted(names)})")
+    conf = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+                      bias="none")
+    return inject_adapter_in_model(conf, model)
 
 
 def positions_from_mask(mask: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
@@ -106,6 +122,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = build_lm(cfg)
+        if cfg.lora is not None:
+            self.model = add_lora(self.model, cfg.lora)
         conf = self.model.config.get_text_config()
         self.hidden_size = conf.hidden_size  # width inside the decoder layers (cross-attention works here)
         self.embed_dim = self.model.get_input_embeddings().embedding_dim  # width of inputs_embeds (prefix)
@@ -117,6 +135,30 @@ class CausalLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)  # (B, T, De)
+
+    # ---------------------------------------------------------------------------------------------- adapters
+    def adapters(self) -> list[nn.Module]:
+        """The LoRA layers (peft), in module order; [] without `cfg.lora`."""
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer)] if self.cfg.lora is not None else []
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapters' own weights (A and B), never the base layers they wrap."""
+        return [p for m in self.adapters() for name in ("lora_A", "lora_B") for p in getattr(m, name).parameters()]
+
+    def adapters_train(self, mode: bool) -> None:
+        """Adapter dropout follows the VLM's mode even while the frozen LLM around it stays in eval mode."""
+        for m in self.adapters():
+            m.lora_dropout.train(mode)
+
+    def merge_adapters(self) -> int:
+        """Fold every adapter into its base weight (W += (alpha / r) B A) for inference; returns how many merged.
+        The adapter weights stay (a merged layer skips them), so `checkpoint_state_dict` is unchanged."""
+        adapters = [m for m in self.adapters() if not m.merged]
+        for m in adapters:
+            m.merge()
+        return len(adapters)
 
     # -------------------------------------------------------------------------------------------------- calls
     @contextlib.contextmanager

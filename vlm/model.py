@@ -79,6 +79,8 @@ class VLM(nn.Module):
         frozen = self.frozen_parts()
         for part in (self.vision, self.lm, *self.visual.resamplers()):
             part.requires_grad_(part not in frozen)
+        for p in self.lm.adapter_parameters():  # LoRA trains inside the frozen LLM
+            p.requires_grad_(True)
         self.learned_tokens.requires_grad_(not self.cfg.freeze.image_token)
         if self.visual.tile_resampler is None:  # shared body: the tile budget's own queries follow it
             self.visual.tile_queries.requires_grad_(not self.cfg.freeze.resamplers)
@@ -88,6 +90,7 @@ class VLM(nn.Module):
         super().train(mode)
         for part in self.frozen_parts():  # frozen parts stay in eval mode (no dropout, fixed norms)
             part.eval()
+        self.lm.adapters_train(mode)
         return self
 
     # ---------------------------------------------------------------------------------------------- weights

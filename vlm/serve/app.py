@@ -33,7 +33,7 @@ def load_model(cfg: ServeConfig):
     if cfg.checkpoint:
         from vlm.checkpoint import load_checkpoint
 
-        model = load_checkpoint(cfg.checkpoint)
+        model = load_checkpoint(cfg.checkpoint, inference=True)
     else:
         from vlm.compose import model_config
         from vlm.model import VLM
