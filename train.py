@@ -16,6 +16,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.checkpoint import init_from, save_checkpoint
@@ -39,16 +40,19 @@ def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    callbacks = run_callbacks(cfg, run_dir)  # first: a checkpoint.best the run cannot log fails here
     root = Path(to_absolute_path(cfg.data.root))
     if cfg.data.get("build_corpus") or cfg.get("vision_pretrain") is not None:  # entry points build the corpus
         ensure_corpus(root, **OmegaConf.to_container(cfg.data.corpus, resolve=True))  # (stage 0 reads it too)
     ensure_converted(cfg.data)  # and the packaged datasets it mixes in (data.convert)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.eval_after or cfg.get("eval_every"):  # and what the evaluations read
+        ensure_task_data(cfg.evaluate)
     resume = resume_checkpoint(run_dir)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=run_callbacks(cfg, run_dir),
-                          enable_checkpointing=bool(cfg.checkpoint.every_n_steps))
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                          enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
     module = VLMLitModule(instantiate(cfg.model), optimizer=instantiate(cfg.optim), schedule=instantiate(cfg.schedule),
                           max_steps=trainer.max_steps, mfu_peak_tflops=cfg.mfu_peak_tflops, run_config=run_config,
                           gate_lr_scale=cfg.get("gate_lr_scale", 1.0))
@@ -73,7 +77,6 @@ def main(cfg: DictConfig) -> None:
         save_checkpoint(path, module.model, state_dict=trained, steps=trainer.global_step, config=run_config)
         print(f"saved {path} after {trainer.global_step} steps")
     if cfg.eval_after:  # as `python eval.py checkpoint=<path>`, on the model in memory, into <run_dir>/eval/
-        ensure_task_data(cfg.evaluate)
         evaluate_config(cfg.evaluate, lambda: module.model.to(trainer.strategy.root_device), run_dir / "eval",
                         info={"checkpoint": str(path)})
     if trainer.is_global_zero:

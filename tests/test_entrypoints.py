@@ -138,3 +138,39 @@ def test_validation_loss_is_logged_and_the_best_checkpoint_kept(tmp_path):
     (callback,) = [v for k, v in best["callbacks"].items() if "val_loss" in k]
     assert callback["best_model_score"].item() == min(v for _, v in val)
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_periodic_eval_is_logged_and_the_best_checkpoint_is_the_best_score(tmp_path):
+    """eval_every / eval_limit: the first eval_limit synthetic test questions answered every eval_every steps, the
+    scores in the CSV log at those steps; checkpoint.best by eval/overall (max) keeps the best of them."""
+    import csv
+
+    import torch
+
+    corpus = ["+data.corpus.n_train=8", "+data.corpus.n_val=0", "+data.corpus.n_test=6", "+data.corpus.shard_size=4"]
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, "train.py", f"data.root={tmp_path}/synthetic", *corpus,
+                            "experiment=tiny_random", "vision_pretrain=null", "trainer.max_steps=6", "eval_every=2",
+                            "eval_limit=4", "evaluate.max_new_tokens=4", "checkpoint.best.monitor=eval/overall",
+                            "checkpoint.best.mode=max", "trainer.log_every_n_steps=5", "checkpoint.every_n_steps=0",
+                            "data.batch_size=2", "data.num_workers=0", f"hydra.run.dir={run}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    (log,) = run.glob("logs/*/metrics.csv")
+    rows = list(csv.DictReader(log.open()))
+    scores = {int(r["step"]): float(r["eval/overall"]) for r in rows if r.get("eval/overall")}
+    assert sorted(scores) == [2, 4, 6] and all(0 <= v <= 100 for v in scores.values())
+    assert any(k.startswith("eval/question_type/") for k in rows[0])  # per type too
+    assert len((run / "eval_steps" / "step-000004" / "predictions.jsonl").read_text().splitlines()) == 4
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    (callback,) = [v for k, v in best["callbacks"].items() if "eval/overall" in k]
+    assert callback["best_model_score"].item() == max(scores.values())
+    assert best["global_step"] == min(s for s, v in scores.items() if v == max(scores.values()))
+
+
+def test_a_best_metric_the_run_never_logs_is_refused_before_training(tmp_path):
+    train = subprocess.run([sys.executable, "train.py", "experiment=tiny_random", "vision_pretrain=null",
+                            "checkpoint.best.monitor=eval/overall", f"data.root={tmp_path}/synthetic",
+                            f"hydra.run.dir={tmp_path}/run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert train.returncode != 0
+    assert "checkpoint.best.monitor=eval/overall: set eval_every" in train.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from vlm.callbacks import SampleLog
+from vlm.callbacks import PeriodicEval, SampleLog
 from vlm.checkpoint import LAST, config_changes, read_checkpoint
 from vlm.data.pipeline import StreamPosition, train_loader, val_loader
 from vlm.processor import Processor
@@ -80,15 +80,41 @@ def resume_position(path: Path, run_config: dict, trainer) -> StreamPosition:
 
 
 # ------------------------------------------------------------------------------------------ callbacks, run.json
+def best_checkpoint(cfg, run_dir: Path) -> ModelCheckpoint | None:
+    """`<run_dir>/checkpoints/best.ckpt`, the checkpoint with the best `checkpoint.best.monitor` (mode min / max):
+    `val_loss` (after each validation; none without `data.val`) or a periodic evaluation's `eval/...` score (after
+    each evaluation). Refused before training when the metric is one the run never logs."""
+    best = cfg.checkpoint.get("best") or {}
+    monitor, mode = best.get("monitor"), best.get("mode", "min")
+    if not monitor:
+        return None
+    if mode not in ("min", "max"):
+        raise ValueError(f"checkpoint.best.mode={mode!r}: min or max")
+    common = dict(dirpath=run_dir / LAST.parent, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                  enable_version_counter=False)
+    if monitor == "val_loss":
+        return ModelCheckpoint(**common) if cfg.data.get("val") else None
+    if monitor.startswith("eval/"):
+        if not cfg.get("eval_every"):
+            raise ValueError(f"checkpoint.best.monitor={monitor}: set eval_every (the periodic evaluation logs it)")
+        return ModelCheckpoint(**common, every_n_train_steps=cfg.eval_every)
+    raise ValueError(f"checkpoint.best.monitor={monitor!r}: val_loss (with data.val) or a periodic evaluation's "
+                     f"score, eval/overall or eval/<question_type|answer_type>/<type> (with eval_every)")
+
+
 def run_callbacks(cfg, run_dir: Path) -> list:
-    """`<run_dir>/checkpoints/last.ckpt` every `checkpoint.every_n_steps` optimizer steps (0: none), `best.ckpt`
-    (the lowest `val_loss`) when the data config has `val`, and the per-batch sample log with `log_samples`."""
+    """`<run_dir>/checkpoints/last.ckpt` every `checkpoint.every_n_steps` optimizer steps (0: none), the periodic
+    evaluation (`eval_every`, `eval_limit`), `best.ckpt` (`best_checkpoint`), and the per-batch sample log with
+    `log_samples`."""
     every = cfg.checkpoint.every_n_steps
     callbacks = [ModelCheckpoint(run_dir / LAST.parent, every_n_train_steps=every, save_top_k=0, save_last=True,
                                  enable_version_counter=False)] if every else []
-    if cfg.data.get("val"):  # the best checkpoint by the validation loss, beside last.ckpt
-        callbacks.append(ModelCheckpoint(run_dir / LAST.parent, filename="best", monitor="val_loss", mode="min",
-                                         save_top_k=1, enable_version_counter=False))
+    if cfg.get("eval_every"):
+        callbacks.append(PeriodicEval(cfg.evaluate, every=cfg.eval_every, limit=cfg.get("eval_limit"),
+                                      out_dir=run_dir / "eval_steps"))
+    best = best_checkpoint(cfg, run_dir)
+    if best is not None:
+        callbacks.append(best)
     if cfg.log_samples:
         callbacks.append(SampleLog(run_dir / "samples.jsonl"))
     return callbacks
