@@ -242,3 +242,20 @@ def test_pooled_queries_start_from_their_cell(kind):
     torch.testing.assert_close(a, b)
     out = model(torch.randn(2, side * side, DV), mask)  # the whole module runs with pooled queries
     assert out.shape == (2, 9, model.out_dim) and torch.isfinite(out).all()
+
+
+def test_patch_mlp_connector_emits_every_patch_and_the_mean_as_class_token():
+    """resampler kind mlp (LLaVA's connector): (V, P, Dv) -> (V, 1 + P, D), row 0 the MLP of the mean real patch,
+    rows 1.. the MLP of each patch; num_queries must be P."""
+    torch.manual_seed(0)
+    m = build_resampler(ResamplerConfig(kind="mlp", num_queries=16, dim=24), 40)
+    media, mask = torch.randn(3, 16, 40), torch.ones(3, 16, dtype=torch.bool)
+    mask[1, 10:] = False
+    out = m(media, mask)
+    assert out.shape == (3, 17, 24) and m.out_dim == 24
+    torch.testing.assert_close(out[:, 1:], m.mlp(media))
+    torch.testing.assert_close(out[1, 0], m.mlp(media[1, :10].mean(0)))
+    with pytest.raises(ValueError, match=r"num_queries \(16\) must be the encoder's patches per view, 9 here"):
+        m(torch.randn(2, 9, 40))
+    with pytest.raises(ValueError, match="no queries to share"):
+        m(media, latents=torch.randn(5, 24))

@@ -256,3 +256,36 @@ def test_cli_builds_and_then_skips(tmp_path, capsys):
     assert read_manifest(tmp_path)["params"] == CorpusParams(
         **small, width_range=(1792, 2048), aspect_range=(4.0, 4.5), text_region=(0.2, 0.3), clear_text_tiles=True,
         train_questions=3).to_json()
+
+
+def test_captions_describe_the_scene_and_convert_with_the_corpus_images(corpus, tmp_path):
+    """caption(scene) names the large shape and colour, every small shape's count and each corner's word; the caption
+    shards (data.convert synthetic_captions) hold the corpus's own JPEG bytes, asked "Describe the image briefly."."""
+    import re
+
+    from vlm.data.convert import CAPTION_PROMPT, convert_synthetic_captions
+    from vlm.data.synthetic import caption, render_sample
+
+    params = CorpusParams(**TINY)
+    for index in range(6):
+        _, scene, _ = render_sample(params, "train", index)
+        text = caption(scene)
+        shape, colour, _ = scene.large
+        assert text.startswith(f"A large {colour} {shape}")
+        for kind in {k for k, _, _ in scene.medium}:
+            n = sum(k == kind for k, _, _ in scene.medium)
+            assert re.search(rf"\b{n} small {kind}{'s' if n > 1 else ''}\b", text)
+        assert [f"{scene.texts[p][0]} ({p})" in text for p in POSITIONS] == [True] * len(POSITIONS)
+
+    out = tmp_path / "captions"
+    summary = convert_synthetic_captions(out, root=corpus, limit=5, shard_size=2, progress=False)
+    assert summary["written"] == 5
+    corpus_jpegs = {s["__key__"]: s["0.jpg"] for s in _samples(corpus, "train")}
+    captions = list(wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False))
+    assert len(captions) == 5
+    for i, sample in enumerate(captions):
+        record = json.loads(sample["json"])
+        assert record["messages"][0]["content"][1]["text"] == CAPTION_PROMPT
+        _, scene, _ = render_sample(params, "train", i)
+        assert record["messages"][1]["content"] == caption(scene) == record["meta"]["caption"]
+        assert sample["0.jpg"] == corpus_jpegs[f"train-{i:07d}"]

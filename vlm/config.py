@@ -58,9 +58,11 @@ class VisionConfig:
 
 @dataclass
 class ResamplerConfig:
-    """Perceiver (Flamingo) or Q-Former (BLIP-2). Emits `num_queries` latents plus one class token."""
+    """Perceiver (Flamingo) or Q-Former (BLIP-2): `num_queries` latents plus one class token. `mlp` (LLaVA's
+    connector, no resampling): every patch through a 2-layer MLP, so `num_queries` must be the encoder's patches per
+    view, plus the class token (the mean patch through the same MLP)."""
 
-    kind: Literal["perceiver", "qformer"] = "perceiver"
+    kind: Literal["perceiver", "qformer", "mlp"] = "perceiver"
     num_queries: int = 64
     dim: int | None = None  # working width; None = the vision width (Perceiver) / 768 (Q-Former)
     depth: int = 6  # Perceiver blocks / Q-Former layers

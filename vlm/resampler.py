@@ -287,7 +287,33 @@ class QFormer(nn.Module):
         return x
 
 
-RESAMPLERS: dict[str, type[nn.Module]] = {"perceiver": PerceiverResampler, "qformer": QFormer}
+class PatchMLP(nn.Module):
+    """LLaVA's connector as a resampler kind: no queries, every patch of a view becomes a token through
+    Linear-GELU-Linear (LLaVA-1.5's `mlp2x_gelu`), so "resampler vs none" is one switch on one pipeline. Row 0, the
+    class token, is the view's mean real patch through the same MLP; rows 1.. the P patches in order."""
+
+    # vs LLaVA: the MLP ends at the resampler width D (the prefix projector then maps to the LLM), not at the LLM's
+    # width, so every fusion kind takes it; a view's padded patches stay (as LLaVA's padded image does).
+
+    def __init__(self, cfg: ResamplerConfig, media_dim: int):
+        super().__init__()
+        self.num_patches = cfg.num_queries
+        self.out_dim = cfg.dim or media_dim
+        self.mlp = nn.Sequential(nn.Linear(media_dim, self.out_dim), activation(cfg.activation),
+                                 nn.Linear(self.out_dim, self.out_dim))
+
+    def forward(self, media: Tensor, mask: Tensor | None = None, latents: Tensor | None = None) -> Tensor:
+        if latents is not None:
+            raise ValueError("resampler kind mlp has no queries to share: set share_resamplers=false")
+        if media.shape[1] != self.num_patches:
+            raise ValueError(f"resampler kind mlp emits every patch: its num_queries ({self.num_patches}) must be the "
+                             f"encoder's patches per view, {media.shape[1]} here")
+        weight = torch.ones_like(media[..., 0]) if mask is None else mask.to(media.dtype)  # (V, P)
+        mean = (media * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)  # (V, Dv)
+        return self.mlp(torch.cat([mean[:, None], media], dim=1))  # (V, 1+P, D)
+
+
+RESAMPLERS: dict[str, type[nn.Module]] = {"perceiver": PerceiverResampler, "qformer": QFormer, "mlp": PatchMLP}
 
 
 def build_resampler(cfg: ResamplerConfig, media_dim: int) -> nn.Module:

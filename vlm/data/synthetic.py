@@ -363,6 +363,30 @@ def _all_questions(scene: Scene) -> list[tuple[str, str, str, str]]:
     return [(q, a, t, "number" if a.isdigit() else "other") for q, a, t in qs]
 
 
+def caption(scene: Scene) -> str:
+    """One sentence per scene for the alignment stages (LLaVA / MiniGPT-4 stage 1): the large shape, the counted and
+    distractor shapes, and what each corner says, e.g. "A large red circle, 3 small triangles and 1 small square.
+    The corners read STOP (top left), OPEN (top right), 17 (bottom left) and FISH (bottom right)." """
+    shape, colour, _ = scene.large
+    kinds = Counter(kind for kind, _, _ in scene.medium)
+    small = [f"{n} small {kind}{'s' if n > 1 else ''}" for kind, n in
+             sorted(kinds.items(), key=lambda kv: (kv[0] != scene.counted, kv[0]))]
+    things = [f"A large {colour} {shape}", *small]
+    shapes = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
+    corners = [f"{scene.texts[pos][0]} ({pos})" for pos in POSITIONS]
+    return f"{shapes}. The corners read {', '.join(corners[:-1])} and {corners[-1]}."
+
+
+def render_sample(params: CorpusParams, split: str, index: int,
+                  cfg: TilingConfig | None = None) -> tuple[Image.Image, Scene, np.random.Generator]:
+    """Sample `index` of `split`: its image, its scene and its RNG after drawing them (the questions come next)."""
+    if not 0 <= index < ID_STRIDE:
+        raise ValueError(f"index must be in 0..{ID_STRIDE - 1}, got {index}")
+    rng = _rng(params, split, index)
+    image, scene = render_scene(params, rng, cfg)
+    return image, scene, rng
+
+
 def sample_ids(split: str, index: int) -> tuple[int, int]:
     """(image_id, question_id) of sample `index` of `split`: unique across splits."""
     image_id = SPLIT_CODES[split] * ID_STRIDE + index
@@ -372,10 +396,7 @@ def sample_ids(split: str, index: int) -> tuple[int, int]:
 def make_sample(params: CorpusParams, split: str, index: int,
                 cfg: TilingConfig | None = None) -> tuple[str, dict, bytes]:
     """(key, record, JPEG bytes) of sample `index` of `split`; a pure function of its arguments."""
-    if not 0 <= index < ID_STRIDE:
-        raise ValueError(f"index must be in 0..{ID_STRIDE - 1}, got {index}")
-    rng = _rng(params, split, index)
-    image, scene = render_scene(params, rng, cfg)
+    image, scene, rng = render_sample(params, split, index, cfg)
     if split == "train" and params.train_questions > 1:
         pool = _all_questions(scene)
         turns = [pool[int(k)] for k in rng.permutation(len(pool))[:params.train_questions]]
