@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
+import torch
+from hydra.utils import to_absolute_path
+
+from vlm.eval.runner import evaluate
+from vlm.eval.tasks import Task
+from vlm.processor import Processor
 
 
 class SampleLog(L.Callback):
@@ -33,27 +40,16 @@ class PeriodicEval(L.Callback):
     # trainer.log_every_n_steps steps, which would drop an evaluation that falls between; they go to the loggers here.
 
     def __init__(self, eval_cfg, *, every: int, limit: int | None, out_dir):
-        from pathlib import Path
-
         self.cfg, self.every, self.limit, self.out_dir = eval_cfg, every, limit, Path(out_dir)
         self.task = self.questions = None
         self.last_step = 0
 
     def on_fit_start(self, trainer, module) -> None:
-        from hydra.utils import to_absolute_path
-
-        from vlm.eval.tasks import Task
-
         self.task = Task.from_config(self.cfg.task)
         root = None if self.cfg.data_root is None else to_absolute_path(self.cfg.data_root)
         self.questions = self.task.read(root)[: self.limit]
 
     def on_train_batch_end(self, trainer, module, outputs, batch: dict, batch_idx: int) -> None:
-        import torch
-
-        from vlm.eval.runner import evaluate
-        from vlm.processor import Processor
-
         step = trainer.global_step
         if step == self.last_step or step % self.every:  # once per optimizer step (not per accumulated batch)
             return

@@ -193,9 +193,8 @@ def _from_dict(cls, d):
     kwargs = {}
     for name, annotation in names.items():
         if name in d:
-            if isinstance(annotation, str):  # `X | None`: the dataclass X, or None
-                annotation = globals().get(annotation.removesuffix(" | None"))
-            sub = annotation
+            # string annotations (postponed): `X` or `X | None` name the dataclass X
+            sub = globals().get(annotation.removesuffix(" | None")) if isinstance(annotation, str) else annotation
             nested = isinstance(sub, type) and is_dataclass(sub) and d[name] is not None
             kwargs[name] = _from_dict(sub, d[name]) if nested else d[name]
     return cls(**kwargs)
