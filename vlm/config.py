@@ -57,6 +57,21 @@ class VisionConfig:
 
 
 @dataclass
+class QFormerTextConfig:
+    """The Q-Former's text branch (BLIP-2 stage 1): BERT word + position embeddings and a text feed-forward in every
+    layer, sharing the query branch's self-attention. `init_from`: a BERT folder (`packaged:all_minilm_l6_v2`) whose
+    embeddings, self-attention and feed-forward initialise both branches (cross-attention stays fresh), as BLIP-2
+    starts from BERT-base; its width, depth, heads and feed-forward size must be the Q-Former's."""
+
+    vocab_size: int = 30522  # BERT's uncased WordPiece vocabulary
+    max_positions: int = 512
+    pad_token_id: int = 0
+    tokenizer: str | None = None  # a tokenizer folder; None: init_from's
+    init_from: str | None = None
+    max_length: int = 32  # captions are cut to this many tokens ([CLS] and [SEP] included)
+
+
+@dataclass
 class ResamplerConfig:
     """Perceiver (Flamingo) or Q-Former (BLIP-2): `num_queries` latents plus one class token. `mlp` (LLaVA's
     connector, no resampling): every patch through a 2-layer MLP, so `num_queries` must be the encoder's patches per
@@ -77,6 +92,7 @@ class ResamplerConfig:
     # Add to every query the mean of its cell of the patch grid (the class token: of the whole view), projected to
     # D. Off in the reference models; a locality prior that makes every token image-dependent from step 0.
     pooled_queries: bool = False
+    text: QFormerTextConfig | None = None  # Q-Former: the text branch of BLIP-2's stage 1 (null: queries only)
 
     @property
     def num_tokens(self) -> int:

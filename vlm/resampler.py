@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from vlm.config import ResamplerConfig
+from vlm.config import QFormerTextConfig, ResamplerConfig
 from vlm.layers import FeedForward, activation, attend, merge_heads, split_heads
 
 QFORMER_DEFAULT_DIM = 768  # BERT-base width, as BLIP-2's Q-Former
@@ -217,12 +217,15 @@ class QFormerAttention(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    """Self-attention, optional cross-attention to the media, then the BERT feed-forward; all post-LN."""
+    """Self-attention, optional cross-attention to the media, then the BERT feed-forward; all post-LN.
 
-    # vs Blip2QFormerLayer: queries only, so only the query feed-forward (no text branch, no chunking).
+    With a text branch (`text=True`) the input is [queries; text]: one self-attention over both (its mask says who
+    sees whom: `stage1_mask`), cross-attention for the query rows only, and a feed-forward per branch."""
+
+    # vs Blip2QFormerLayer: no chunking; the query rows alone when there is no text (the stage-2 resampler).
 
     def __init__(self, *, dim: int, heads: int, ff_mult: int, activation_name: str, eps: float,
-                 dropout: float, media_dim: int | None):
+                 dropout: float, media_dim: int | None, text: bool = False):
         super().__init__()
         attn = dict(dim=dim, heads=heads, eps=eps, dropout=dropout)
         self.self_attn = QFormerAttention(**attn)
@@ -232,26 +235,85 @@ class QFormerLayer(nn.Module):
         self.ff_out = nn.Linear(ff_mult * dim, dim)
         self.ff_drop = nn.Dropout(dropout)
         self.ff_norm = nn.LayerNorm(dim, eps=eps)
+        if text:  # BLIP-2's `intermediate` / `output`: the text rows' own feed-forward
+            self.text_ff_in = nn.Linear(dim, ff_mult * dim)
+            self.text_ff_out = nn.Linear(ff_mult * dim, dim)
+            self.text_ff_norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x: Tensor, media: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        x = self.self_attn(x)
-        if self.cross_attn is not None:
-            x = self.cross_attn(x, media, key_mask)
-        h = self.act(self.ff_in(x))  # (V, L, D) -> (V, L, ff_mult*D)
-        return self.ff_norm(x + self.ff_drop(self.ff_out(h)))  # (V, L, ff_mult*D) -> (V, L, D)
+    def forward(self, x: Tensor, media: Tensor | None, key_mask: Tensor | None = None, *,
+                num_queries: int | None = None, self_mask: Tensor | None = None) -> Tensor:
+        """x (V, L+T, D): `num_queries` = L query rows (None: all rows are queries), then T text rows; `self_mask`
+        (V, 1, L+T, L+T) bool for the self-attention, `key_mask` (V, 1, 1, P) for the cross-attention."""
+        n = x.shape[1] if num_queries is None else num_queries
+        x = self.self_attn(x, key_mask=self_mask)  # (V, L+T, D)
+        q, t = x[:, :n], x[:, n:]  # (V, L, D), (V, T, D)
+        if self.cross_attn is not None and n:
+            q = self.cross_attn(q, media, key_mask)
+        q = self._ff(q, self.ff_in, self.ff_out, self.ff_norm)
+        if not t.shape[1]:
+            return q
+        t = self._ff(t, self.text_ff_in, self.text_ff_out, self.text_ff_norm)
+        return torch.cat([q, t], dim=1)  # (V, L+T, D)
+
+    def _ff(self, x: Tensor, ff_in: nn.Linear, ff_out: nn.Linear, norm: nn.LayerNorm) -> Tensor:
+        h = self.act(ff_in(x))  # (V, M, D) -> (V, M, ff_mult*D)
+        return norm(x + self.ff_drop(ff_out(h)))  # (V, M, ff_mult*D) -> (V, M, D)
+
+
+STAGE1_MODES = ("itc", "itm", "itg")
+
+
+def stage1_mask(mode: str, num_queries: int, text_mask: Tensor) -> Tensor:
+    """BLIP-2 stage 1's self-attention mask over [queries; text], (V, T) text padding -> (V, 1, L+T, L+T) bool
+    (True: the row may attend to the column):
+    - itc, uni-modal: queries see the queries, text sees the text;
+    - itg, multimodal causal: queries see the queries, a text token sees every query and the text up to itself;
+    - itm, bidirectional: everything sees everything.
+    Padded text is never a key."""
+    if mode not in STAGE1_MODES:
+        raise ValueError(f"unknown stage-1 mask {mode!r}; choose one of {STAGE1_MODES}")
+    v, t = text_mask.shape
+    pos = torch.arange(num_queries + t, device=text_mask.device)  # (L+T,)
+    is_query = pos < num_queries  # (L+T,)
+    if mode == "itm":
+        allowed = torch.ones(len(pos), len(pos), dtype=torch.bool, device=pos.device)  # (L+T, L+T)
+    elif mode == "itc":
+        allowed = is_query[:, None] == is_query[None, :]  # (L+T, L+T)
+    else:  # itg: a query row sees query keys; a text row every key up to itself (all the queries come first)
+        allowed = is_query[None, :] | (~is_query[:, None] & (pos[None, :] <= pos[:, None]))  # (L+T, L+T)
+    keys = torch.cat([text_mask.new_ones(v, num_queries), text_mask], dim=1).bool()  # (V, L+T)
+    return rearrange(allowed[None] & keys[:, None, :], "v m r -> v 1 m r")  # (V, 1, L+T, L+T)
+
+
+class QFormerTextEmbeddings(nn.Module):
+    """BERT's word + absolute position embeddings (no token types: BERT's type-0 row is folded into the positions
+    on import); the Q-Former's input LayerNorm normalises them with the queries."""
+
+    def __init__(self, cfg: QFormerTextConfig, dim: int):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, dim, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_positions, dim)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if input_ids.shape[1] > self.position.num_embeddings:
+            raise ValueError(f"text of {input_ids.shape[1]} tokens; the Q-Former has {self.position.num_embeddings} "
+                             f"positions")
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        return self.word(input_ids) + self.position(pos)  # (V, T, D)
 
 
 class QFormer(nn.Module):
-    """BLIP-2's Querying Transformer, query branch only: learned queries, LayerNorm + dropout, then BERT-style
-    post-LN layers of self-attention, cross-attention to the media in layers i % cross_attention_freq == 0,
-    and a feed-forward.
+    """BLIP-2's Querying Transformer: learned queries, LayerNorm + dropout, then BERT-style post-LN layers of
+    self-attention, cross-attention to the media in layers i % cross_attention_freq == 0, and a feed-forward.
 
     Owns one learned parameter `queries` (num_queries + 1, D): row 0 is the class token (an extra learned
     query), rows 1.. the queries; output row 0 is the class token. Width D = cfg.dim or 768, head width
     D // heads, LayerNorm eps cfg.layer_norm_eps, dropout cfg.dropout (hidden and attention probabilities).
+    With `cfg.text` it also has BLIP-2's text branch (stage 1): `encode` runs [queries; text] under one of the
+    three stage-1 masks, `encode_text` the text alone. As a stage-2 resampler only the query branch runs.
     """
 
-    # vs Blip2QFormerModel: owns its queries (BLIP-2 keeps query_tokens outside); no text input; bool mask.
+    # vs Blip2QFormerModel: owns its queries and text embeddings (BLIP-2 keeps them outside); bool masks.
 
     def __init__(self, cfg: ResamplerConfig, media_dim: int):
         super().__init__()
@@ -259,11 +321,12 @@ class QFormer(nn.Module):
         self.cfg, self.media_dim, self.out_dim = cfg, media_dim, dim
         self.queries = init_queries(cfg.num_tokens, dim, std=0.02)  # BLIP-2's initializer_range
         self.pool = PooledQueries(media_dim, dim) if cfg.pooled_queries else None
+        self.text = QFormerTextEmbeddings(cfg.text, dim) if cfg.text is not None else None
         self.norm_in = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.drop_in = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             QFormerLayer(dim=dim, heads=cfg.heads, ff_mult=cfg.ff_mult, activation_name=cfg.activation,
-                         eps=cfg.layer_norm_eps, dropout=cfg.dropout,
+                         eps=cfg.layer_norm_eps, dropout=cfg.dropout, text=cfg.text is not None,
                          media_dim=media_dim if i % cfg.cross_attention_freq == 0 else None)
             for i in range(cfg.depth)
         )
@@ -271,10 +334,13 @@ class QFormer(nn.Module):
 
     @staticmethod
     def _init_bert(module: nn.Module) -> None:
-        """BERT / BLIP-2 init: Linear weights ~ N(0, 0.02), zero biases (LayerNorms stay ones / zeros)."""
+        """BERT / BLIP-2 init: Linear and Embedding weights ~ N(0, 0.02), zero biases (LayerNorms stay ones /
+        zeros)."""
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, media: Tensor, mask: Tensor | None = None, latents: Tensor | None = None) -> Tensor:
         queries = self.queries if latents is None else latents
@@ -285,6 +351,34 @@ class QFormer(nn.Module):
         for layer in self.layers:
             x = layer(x, media, key_mask)
         return x
+
+    def encode(self, media: Tensor, mask: Tensor | None, input_ids: Tensor, text_mask: Tensor, mode: str
+               ) -> tuple[Tensor, Tensor]:
+        """[queries; text] through the shared layers under the stage-1 mask `mode` (`stage1_mask`): media (V, P, Dv)
+        with its patch mask (V, P), text (V, T) with its padding mask -> query outputs (V, L, D), text outputs
+        (V, T, D)."""
+        start = start_latents(self.pool, self.queries, media, mask)  # (V, L, D)
+        n = start.shape[1]
+        x = torch.cat([start, self._text_embeds(input_ids)], dim=1)  # (V, L+T, D)
+        x = self.drop_in(self.norm_in(x))
+        self_mask = stage1_mask(mode, n, text_mask)  # (V, 1, L+T, L+T)
+        key_mask = _media_key_mask(mask)  # (V, 1, 1, P)
+        for layer in self.layers:
+            x = layer(x, media, key_mask, num_queries=n, self_mask=self_mask)
+        return x[:, :n], x[:, n:]  # (V, L, D), (V, T, D)
+
+    def encode_text(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """The text alone (what the itc mask gives the text rows, without computing the queries): (V, T) -> (V, T, D)."""
+        x = self.drop_in(self.norm_in(self._text_embeds(input_ids)))  # (V, T, D)
+        self_mask = rearrange(text_mask.bool(), "v t -> v 1 1 t")  # (V, 1, 1, T)
+        for layer in self.layers:
+            x = layer(x, None, num_queries=0, self_mask=self_mask)
+        return x
+
+    def _text_embeds(self, input_ids: Tensor) -> Tensor:
+        if self.text is None:
+            raise ValueError("this Q-Former has no text branch: set its resampler config's `text`")
+        return self.text(input_ids)  # (V, T, D)
 
 
 class PatchMLP(nn.Module):

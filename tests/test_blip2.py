@@ -1,0 +1,198 @@
+"""BLIP-2 stage 1: the three self-attention masks, the text branch, parity of ITC / ITM with transformers'
+`Blip2ForImageTextRetrieval`, BERT (the packaged MiniLM) as the text branch's init, the losses and retrieval metrics.
+
+Shapes: B pairs, P patches, Dv media width, L queries (class token included), T text tokens, D width.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+from vlm.blip2 import QFormerStage1, Stage1Config, retrieval_metrics
+from vlm.config import QFormerTextConfig, ResamplerConfig
+from vlm.hf_import import init_qformer_from_bert, stage1_from_blip2_retrieval
+from vlm.resampler import QFormer, stage1_mask
+
+B, P, DV, T, VOCAB = 3, 12, 24, 6, 50
+
+
+def qformer(dim: int = 32, **kw) -> QFormer:
+    text = QFormerTextConfig(vocab_size=VOCAB, max_positions=16)
+    cfg = ResamplerConfig(kind="qformer", num_queries=3, dim=dim, depth=2, heads=4, cross_attention_freq=1,
+                          text=text, **kw)
+    return QFormer(cfg, media_dim=DV).eval()
+
+
+def text_batch(b: int = B, t: int = T, lengths=(6, 4, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(2, VOCAB, (b, t))
+    mask = torch.arange(t)[None] < torch.tensor(lengths[:b])[:, None]  # (B, T)
+    return ids.masked_fill(~mask, 0), mask
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def test_stage1_masks_as_tables():
+    """2 queries, then 3 text tokens of which the last is padding. Rows attend to columns."""
+    text_mask = torch.tensor([[True, True, False]])
+    expected = {
+        "itc": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0]],
+        "itg": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]],
+        "itm": [[1, 1, 1, 1, 0]] * 5,
+    }
+    for mode, table in expected.items():
+        got = stage1_mask(mode, 2, text_mask)
+        assert got.shape == (1, 1, 5, 5)
+        assert got[0, 0].int().tolist() == table, mode
+    with pytest.raises(ValueError, match="unknown stage-1 mask"):
+        stage1_mask("causal", 2, text_mask)
+
+
+def test_itc_queries_and_text_never_see_each_other():
+    model = qformer()
+    media, ids, mask = torch.randn(B, P, DV), *text_batch()
+    q, t = model.encode(media, None, ids, mask, "itc")
+    q2, t2 = model.encode(torch.randn(B, P, DV), None, torch.randint(2, VOCAB, (B, T)), mask, "itc")
+    assert not torch.allclose(q, q2) and not torch.allclose(t, t2)
+    q_other_text, _ = model.encode(media, None, torch.randint(2, VOCAB, (B, T)), mask, "itc")
+    _, t_other_image = model.encode(torch.randn(B, P, DV), None, ids, mask, "itc")
+    torch.testing.assert_close(q_other_text, q)  # a query that saw the text would change
+    torch.testing.assert_close(t_other_image, t)  # text that saw the queries (so the image) would change
+    # one pass under the uni-modal mask = the two branches alone (what retrieval computes)
+    torch.testing.assert_close(q, model(media))
+    torch.testing.assert_close(t[mask], model.encode_text(ids, mask)[mask])
+
+
+def test_itg_text_is_causal_and_grounded_queries_ignore_text():
+    model = qformer()
+    media, ids, mask = torch.randn(B, P, DV), *text_batch(lengths=(6, 6, 6))
+    q, t = model.encode(media, None, ids, mask, "itg")
+    later = ids.clone()
+    later[:, 3:] = torch.randint(2, VOCAB, (B, T - 3))
+    q2, t2 = model.encode(media, None, later, mask, "itg")
+    torch.testing.assert_close(t2[:, :3], t[:, :3])  # token t sees nothing after it
+    assert not torch.allclose(t2[:, 3:], t[:, 3:])
+    torch.testing.assert_close(q2, q)  # queries never see the text
+    _, t3 = model.encode(torch.randn(B, P, DV), None, ids, mask, "itg")
+    assert not torch.allclose(t3[:, 0], t[:, 0])  # even the first token sees the queries
+
+
+def test_itm_everything_sees_everything_but_padding():
+    model = qformer()
+    media, ids, mask = torch.randn(B, P, DV), *text_batch()
+    q, t = model.encode(media, None, ids, mask, "itm")
+    other = ids.clone()
+    other[:, -1] = torch.randint(2, VOCAB, (B,))
+    q2, t2 = model.encode(media, None, other, mask, "itm")
+    assert not torch.allclose(q2[0], q[0]) and not torch.allclose(t2[0, 0], t[0, 0])  # sample 0: last token real
+    torch.testing.assert_close(q2[1:], q[1:])  # samples 1, 2: the changed token is padding, no one sees it
+    torch.testing.assert_close(t2[1:][mask[1:]], t[1:][mask[1:]])
+
+
+def test_query_only_qformer_refuses_text():
+    cfg = ResamplerConfig(kind="qformer", num_queries=3, dim=32, depth=1, heads=4)
+    with pytest.raises(ValueError, match="no text branch"):
+        QFormer(cfg, media_dim=DV).encode_text(*text_batch())
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+def blip2_retrieval(hidden: int = 32, layers: int = 2) -> Blip2ForImageTextRetrieval:
+    config = Blip2Config(
+        vision_config=dict(hidden_size=DV, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                            intermediate_size=2 * hidden, encoder_hidden_size=DV, vocab_size=VOCAB,
+                            max_position_embeddings=16, cross_attention_frequency=1, use_qformer_text_input=True),
+        num_query_tokens=5, image_text_hidden_size=16,
+    )
+    hf = Blip2ForImageTextRetrieval(config).eval()
+    with torch.no_grad():  # non-trivial LayerNorms and queries: parity must not pass by accident
+        for m in hf.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+        hf.query_tokens.normal_()
+    return hf
+
+
+def test_itc_and_itm_scores_equal_blip2_retrieval():
+    hf = blip2_retrieval()
+    ours = stage1_from_blip2_retrieval(hf).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = text_batch(b=2, lengths=(6, 3))
+    with torch.no_grad():
+        media = hf.vision_model(pixel_values=pixels)[0]  # (2, 17, Dv): the same encoder features for both
+        theirs_itc = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask.long()).logits_per_image  # (2, 2)
+        sim = ours.similarity(ours.image_features(media), ours.text_features(ids, mask))
+        theirs_itm = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask.long(),
+                        use_image_text_matching_head=True).logits_per_image  # (2, 2): pair b = image b, text b
+        itm = ours.itm_logits(media, None, ids, mask)
+    torch.testing.assert_close(sim, theirs_itc, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(itm, theirs_itm, atol=1e-5, rtol=1e-5)
+
+
+def test_minilm_initialises_the_text_branch_exactly():
+    """The packaged all-MiniLM-L6-v2 (a real 6-layer BERT): the text branch alone computes BERT's hidden states."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from vlm.pretrained import resolve
+
+    folder = resolve("packaged:all_minilm_l6_v2")
+    cfg = ResamplerConfig(kind="qformer", num_queries=8, dim=384, depth=6, heads=12, ff_mult=4,
+                          cross_attention_freq=2, text=QFormerTextConfig(init_from=folder))
+    model = QFormer(cfg, media_dim=DV).eval()
+    fresh = init_qformer_from_bert(model, folder)["fresh"]
+    assert fresh and all(k == "queries" or ".cross_attn." in k for k in fresh)
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = tok(["a red circle and a blue square", "the word CAT in the top left corner"], padding=True,
+                return_tensors="pt")
+    bert = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = bert(**batch).last_hidden_state
+        got = model.encode_text(batch["input_ids"], batch["attention_mask"].bool())
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    wrong = ResamplerConfig(**{**cfg.__dict__, "depth": 4})
+    with pytest.raises(ValueError, match="does not fit"):
+        init_qformer_from_bert(QFormer(wrong, media_dim=DV), folder)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def test_stage1_losses_train_every_head():
+    model = QFormerStage1(qformer(), Stage1Config(embed_dim=16)).train()
+    media, (ids, mask) = torch.randn(4, P, DV), text_batch(b=4, lengths=(6, 4, 2, 5))
+    out = model(media, None, ids, mask, generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "itc", "itm", "itg"} and all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    for name in ("vision_proj.weight", "text_proj.weight", "itm_head.weight", "lm_head.dense.weight", "temp",
+                 "qformer.queries", "qformer.layers.0.cross_attn.to_k.weight", "qformer.text.word.weight",
+                 "qformer.layers.1.text_ff_in.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.lm_head.word.weight is model.qformer.text.word.weight  # tied
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = out["loss"].item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = model(media, None, ids, mask)["loss"]
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        model(media[:1], None, ids[:1], mask[:1])
+
+
+def test_retrieval_metrics():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.0, 0.2, 0.7]])  # image 1's best text is text 0
+    m = retrieval_metrics(sim, ks=(1, 2))
+    assert m["i2t_r1"] == pytest.approx(200 / 3) and m["i2t_r2"] == 100.0
+    assert m["t2i_r1"] == 100.0  # each text's best image is its own (text 1: 0.5 > 0.2 > 0.1)
+    assert m["chance_r1"] == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="square"):
+        retrieval_metrics(torch.zeros(2, 3))
