@@ -41,6 +41,8 @@ def main(cfg: DictConfig) -> None:
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("stage1") is not None:  # BLIP-2 stage 1: the Q-Former alone, no LLM (vlm/blip2_stage1.py)
+        return run_blip2_stage1(cfg, run_dir)
     callbacks = run_callbacks(cfg, run_dir)  # first: a checkpoint.best the run cannot log fails here
     root = Path(to_absolute_path(cfg.data.root))
     if cfg.data.get("build_corpus") or cfg.get("vision_pretrain") is not None:  # entry points build the corpus
@@ -84,6 +86,21 @@ def main(cfg: DictConfig) -> None:
                           init_from=loaded,
                           total_seconds=time.perf_counter() - start, eval_after=cfg.eval_after,
                           overrides=list(HydraConfig.get().overrides.task))
+
+
+def run_blip2_stage1(cfg: DictConfig, run_dir: Path) -> None:
+    from vlm.blip2 import Stage1Config
+    from vlm.blip2_stage1 import Stage1RunConfig, train_stage1
+
+    if cfg.data.get("build_corpus"):
+        ensure_corpus(Path(to_absolute_path(cfg.data.root)), **OmegaConf.to_container(cfg.data.corpus, resolve=True))
+    ensure_converted(cfg.data)
+    ensure_converted(cfg.stage1)  # the held-out pairs' own conversion, if any (stage1.convert)
+    options = OmegaConf.to_container(cfg.stage1, resolve=True)
+    options.pop("convert", None)
+    heads = Stage1Config(**options.pop("heads", {}))
+    train_stage1(instantiate(cfg.model), Stage1RunConfig(**options, heads=heads), cfg.data.train, run_dir,
+                 run_config=OmegaConf.to_container(cfg, resolve=True))
 
 
 if __name__ == "__main__":

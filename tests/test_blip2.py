@@ -196,3 +196,42 @@ def test_retrieval_metrics():
     assert m["chance_r1"] == pytest.approx(100 / 3)
     with pytest.raises(ValueError, match="square"):
         retrieval_metrics(torch.zeros(2, 3))
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def test_stage1_run_saves_the_qformer_that_stage2_starts_from(tmp_path):
+    """vlm.blip2_stage1 on caption shards of a tiny corpus (the tiny model's encoder, a small Q-Former with BERT's
+    tokenizer): metrics, retrieval and a checkpoint whose Q-Former `init_from` loads into a stage-2 VLM, reporting the
+    text branch and the heads as unused."""
+    from vlm.blip2_stage1 import Stage1RunConfig, train_stage1
+    from vlm.checkpoint import init_from, read_checkpoint
+    from vlm.compose import model_config
+    from vlm.data.convert import convert_synthetic_captions
+    from vlm.data.synthetic import ensure_corpus
+    from vlm.model import VLM
+
+    root = tmp_path / "corpus"
+    ensure_corpus(root, n_train=8, n_val=0, n_test=4, shard_size=4, width_range=(1024, 1024), aspect_range=(2.0, 2.0))
+    for split in ("train", "test"):
+        convert_synthetic_captions(tmp_path / f"captions_{split}", root=root, split=split, progress=False)
+    common = ("model/resampler=tiny_qformer", "++model.tiling.force_detail=low")
+    text = "++model.global_resampler.text={vocab_size: 30522, tokenizer: 'packaged:all_minilm_l6_v2', max_length: 48}"
+    run = Stage1RunConfig(steps=3, batch_size=4, warmup_steps=1, log_every=1, held_out=str(tmp_path / "captions_test"))
+    summary = train_stage1(model_config(*common, text), run, str(tmp_path / "captions_train"), tmp_path / "run")
+    assert summary["pairs"] == 8 and summary["retrieval"]["trained"]["pairs"] == 4
+    assert set(summary["retrieval"]) == {"untrained", "trained"}
+    rows = (tmp_path / "run" / "stage1" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,itc,itm,itg,lr" and len(rows) == 4
+    assert (tmp_path / "run" / "stage1" / "losses.png").stat().st_size > 0
+
+    stage2 = VLM(model_config(*common, "model/fusion=prefix", "model.freeze.resamplers=false"))
+    report = init_from(stage2, tmp_path / "run" / "checkpoint.pt")
+    query_branch = stage2.visual.global_resampler.state_dict()
+    assert report["loaded"] == len(query_branch)
+    assert report["unused"] and all(k.startswith(("visual.global_resampler.text.", "stage1.")) or ".text_ff_" in k
+                                    for k in report["unused"])
+    saved = read_checkpoint(tmp_path / "run" / "checkpoint.pt")["state_dict"]
+    for k, v in query_branch.items():
+        torch.testing.assert_close(v, saved[f"visual.global_resampler.{k}"])

@@ -1,0 +1,245 @@
+"""BLIP-2 stage 1 as a run: `python train.py experiment=blip2_stage1` (configs/experiment/blip2_stage1.yaml).
+
+The Q-Former (the run's `model.global_resampler`, with a text branch initialised from the packaged MiniLM BERT) learns
+ITC + ITM + ITG (`vlm.blip2`) against the frozen encoder's features of each image's global view, on image-caption
+shards (`data.train`: the synthetic corpus's captions, or any converted caption set). Held-out pairs (`stage1.held_out`)
+are scored by image-text retrieval (R@1, R@5 both ways) before training (the untrained Q-Former) and at the end.
+It writes into the run folder:
+- `checkpoint.pt`: the Q-Former as `visual.global_resampler.*` (what `init_from` loads into a stage-2 VLM; its text
+  branch and the `stage1.*` heads are reported unused there), with `model_config` naming the encoder;
+- `stage1/metrics.csv` (step, the three losses, lr), `stage1/retrieval.json`, `stage1/losses.png`.
+
+A plain loop, as stage 0 (`vlm.vision_pretrain`): the frozen encoder runs once per image, before the first step,
+and the Q-Former trains on the stored features; there is no Lightning strategy here (one process).
+
+Shapes: N pairs, P patches, Dv encoder width, T caption tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlm.blip2 import QFormerStage1, Stage1Config, retrieval_metrics
+from vlm.checkpoint import FORMAT_VERSION
+from vlm.config import VLMConfig
+from vlm.data.format import image_refs
+from vlm.data.pipeline import read_tar
+from vlm.hf_import import init_qformer_from_bert
+from vlm.images import load_image
+from vlm.pretrained import resolve
+from vlm.resampler import QFormer
+from vlm.tiling import tile_image
+from vlm.vision import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage1RunConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1.0e-4  # BLIP-2's peak
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    train_limit: int | None = None  # read at most this many training pairs (None: all of `data.train`)
+    held_out: str | None = None  # shards (a folder / glob / list) of held-out pairs for retrieval
+    held_out_limit: int = 500
+    encode_batch: int = 32  # views per encoder call when the features are computed
+    log_every: int = 10
+    seed: int = 0
+    heads: Stage1Config = field(default_factory=Stage1Config)
+
+
+def shard_paths(spec) -> list[str]:
+    """A folder (its *.tar), a glob, a file or a list of them -> sorted shard paths."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out = []
+    for s in specs:
+        p = Path(s)
+        found = sorted(p.glob("*.tar")) if p.is_dir() else sorted(Path().glob(s)) if any(c in s for c in "*?[") else [p]
+        out += [str(f) for f in found]
+    if not out:
+        raise FileNotFoundError(f"no shards at {spec}")
+    return out
+
+
+def read_pairs(spec, limit: int | None, tiling) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """Image-caption chats from shards -> each image's global view (3, S, S) uint8, its mask (S, S), and the caption
+    (the chat's last assistant turn). A sample without an image or an answer is skipped and counted."""
+    views, masks, captions, skipped = [], [], [], Counter()
+    for path in shard_paths(spec):
+        for sample in read_tar(path, skipped):
+            if limit is not None and len(captions) >= limit:
+                break
+            record = json.loads(sample["json"])
+            refs = image_refs(record)
+            answers = [m["content"] for m in record.get("messages", []) if m.get("role") == "assistant"]
+            text = answers[-1] if answers else None
+            text = " ".join(p.get("text", "") for p in text) if isinstance(text, list) else text
+            if len(refs) != 1 or not text:
+                skipped["not one image and a caption"] += 1
+                continue
+            tiled = tile_image(load_image(sample[refs[0][0]]), "low", tiling)
+            views.append(tiled.pixels[0])
+            masks.append(tiled.mask[0])
+            captions.append(text)
+    if skipped:
+        log.warning("stage 1: skipped %s reading %s", dict(skipped), spec)
+    if not captions:
+        raise ValueError(f"no image-caption pairs in {spec}")
+    return views, masks, captions
+
+
+@torch.no_grad()
+def encode(vision: VisionEncoder, views: list[torch.Tensor], masks: list[torch.Tensor], batch: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global views -> frozen features (N, P, Dv) and patch masks (N, P), `batch` views an encoder call."""
+    feats, pmasks = [], []
+    for i in range(0, len(views), batch):
+        f, m = vision(torch.stack(views[i:i + batch]), torch.stack(masks[i:i + batch]))  # (n, P, Dv), (n, P)
+        feats.append(f.float())
+        pmasks.append(m)
+    return torch.cat(feats), torch.cat(pmasks)
+
+
+@torch.no_grad()
+def score_retrieval(model: QFormerStage1, feats: torch.Tensor, pmask: torch.Tensor, ids: torch.Tensor,
+                    tmask: torch.Tensor, batch: int = 64) -> dict[str, float]:
+    """ITC retrieval over held-out pairs (pair i: image i, caption i): R@1 / R@5, image->text and text->image."""
+    was = model.training
+    model.eval()
+    img = torch.cat([model.image_features(feats[i:i + batch], pmask[i:i + batch]) for i in range(0, len(feats), batch)])
+    txt = torch.cat([model.text_features(ids[i:i + batch], tmask[i:i + batch]) for i in range(0, len(ids), batch)])
+    model.train(was)
+    return {"pairs": len(ids), **retrieval_metrics(model.similarity(img, txt))}
+
+
+def build_stage1(model_cfg: VLMConfig, media_dim: int, heads: Stage1Config) -> tuple[QFormerStage1, dict]:
+    """The run's global resampler as a stage-1 Q-Former, its text branch from `text.init_from` (a BERT) if set."""
+    rcfg = model_cfg.global_resampler
+    if rcfg.kind != "qformer" or rcfg.text is None:
+        raise ValueError("BLIP-2 stage 1 trains a Q-Former with a text branch: model.global_resampler needs "
+                         "kind=qformer and `text` (model/resampler=minilm_qformer)")
+    qformer = QFormer(rcfg, media_dim)
+    info = {}
+    if rcfg.text.init_from:
+        info = init_qformer_from_bert(qformer, resolve(rcfg.text.init_from))
+    return QFormerStage1(qformer, heads), info
+
+
+def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir: Path, *, run_config: dict | None = None
+                 ) -> dict:
+    """The whole stage: read, encode, score the untrained Q-Former, train, score again, save. Returns the summary."""
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    torch.manual_seed(run.seed)
+    out_dir = run_dir / "stage1"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vision = VisionEncoder(model_cfg.vision).eval().requires_grad_(False)
+    model, init = build_stage1(model_cfg, vision.dim, run.heads)
+    text_cfg = model_cfg.global_resampler.text
+    tokenizer = AutoTokenizer.from_pretrained(resolve(text_cfg.tokenizer or text_cfg.init_from))
+
+    def tokens(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = tokenizer(captions, padding="longest", truncation=True, max_length=text_cfg.max_length,
+                      return_tensors="pt")
+        return t["input_ids"], t["attention_mask"].bool()  # (N, T), (N, T)
+
+    views, masks, captions = read_pairs(train_spec, run.train_limit, model_cfg.tiling)
+    feats, pmask = encode(vision, views, masks, run.encode_batch)  # (N, P, Dv), (N, P)
+    ids, tmask = tokens(captions)
+    held = None
+    if run.held_out:
+        hv, hm, hc = read_pairs(run.held_out, run.held_out_limit, model_cfg.tiling)
+        held = (*encode(vision, hv, hm, run.encode_batch), *tokens(hc))
+    print(f"stage 1: {len(captions)} training pairs, {0 if held is None else len(held[0])} held out; features "
+          f"{tuple(feats.shape)} in {time.perf_counter() - start:.0f} s")
+    retrieval = {"untrained": score_retrieval(model, *held)} if held else {}
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=run.lr)
+
+    def lr_at(step: int) -> float:  # linear warmup, then cosine to 0
+        if step < run.warmup_steps:
+            return run.lr * (step + 1) / run.warmup_steps
+        return run.lr * 0.5 * (1 + math.cos(math.pi * (step - run.warmup_steps) / max(1, run.steps - run.warmup_steps)))
+
+    gen = torch.Generator().manual_seed(run.seed)
+    rows = []
+    model.train()
+    fit_start = time.perf_counter()
+    for step in range(run.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        idx = torch.randperm(len(ids), generator=gen)[:run.batch_size]  # (B,)
+        width = int(tmask[idx].sum(1).max())  # the batch's longest caption
+        out = model(feats[idx], pmask[idx], ids[idx, :width], tmask[idx, :width], generator=gen)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        row = {"step": step + 1, **{k: round(v.item(), 5) for k, v in out.items()}, "lr": lr_at(step)}
+        rows.append(row)
+        if (step + 1) % run.log_every == 0 or step == 0:
+            print(f"stage 1 step {step + 1}/{run.steps}: loss {row['loss']:.3f} (itc {row['itc']:.3f}, itm "
+                  f"{row['itm']:.3f}, itg {row['itg']:.3f})")
+    train_seconds = time.perf_counter() - fit_start
+    if held:
+        retrieval["trained"] = score_retrieval(model, *held)
+
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "retrieval.json").write_text(json.dumps(retrieval, indent=1))
+    plot_losses(rows, out_dir / "losses.png")
+    state = {f"visual.global_resampler.{k}": v for k, v in model.qformer.state_dict().items()}
+    state |= {f"stage1.{k}": v for k, v in model.state_dict().items() if not k.startswith("qformer.")}
+    cfg_dict = model_cfg.to_dict()
+    torch.save({"format_version": FORMAT_VERSION, "stage": "blip2_stage1",
+                "model_config": {"vision": cfg_dict["vision"], "global_resampler": cfg_dict["global_resampler"]},
+                "state_dict": state, "steps": run.steps, "retrieval": retrieval, "config": run_config},
+               run_dir / "checkpoint.pt")
+    summary = {"steps": run.steps, "pairs": len(ids), "train_seconds": round(train_seconds, 1),
+               "total_seconds": round(time.perf_counter() - start, 1), "init": {"fresh": len(init.get("fresh", []))},
+               "first": rows[0], "last": rows[-1], "retrieval": retrieval, "stage1": asdict(run)}
+    (run_dir / "run.json").write_text(json.dumps(summary, indent=1))
+    for name, r in retrieval.items():
+        print(f"stage 1 retrieval ({name}, {r['pairs']} held-out pairs): image->text R@1 {r['i2t_r1']:.1f} "
+              f"R@5 {r['i2t_r5']:.1f}; text->image R@1 {r['t2i_r1']:.1f} R@5 {r['t2i_r5']:.1f} "
+              f"(chance R@1 {r['chance_r1']:.1f})")
+    print(f"saved {run_dir / 'checkpoint.pt'} after {run.steps} steps")
+    return summary
+
+
+def plot_losses(rows: list[dict], path: Path, smooth: int = 10) -> None:
+    """The three losses per step (thin) and their running mean over `smooth` steps, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    steps = [r["step"] for r in rows]
+    for ax, name in zip(axes, ("itc", "itm", "itg")):
+        values = [r[name] for r in rows]
+        mean = [sum(values[max(0, i - smooth + 1):i + 1]) / len(values[max(0, i - smooth + 1):i + 1])
+                for i in range(len(values))]
+        ax.plot(steps, values, lw=0.6, alpha=0.4)
+        ax.plot(steps, mean, lw=1.6)
+        ax.set_title(f"{name.upper()} loss")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
