@@ -13,7 +13,7 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval
 from vlm.blip2 import QFormerStage1, Stage1Config, retrieval_metrics
 from vlm.config import QFormerTextConfig, ResamplerConfig
 from vlm.hf_import import init_qformer_from_bert, stage1_from_blip2_retrieval
-from vlm.resampler import QFormer, stage1_mask
+from vlm.resampler import QFormer, build_resampler, stage1_mask
 
 B, P, DV, T, VOCAB = 3, 12, 24, 6, 50
 
@@ -143,9 +143,13 @@ def test_minilm_initialises_the_text_branch_exactly():
 
     folder = resolve("packaged:all_minilm_l6_v2")
     cfg = ResamplerConfig(kind="qformer", num_queries=8, dim=384, depth=6, heads=12, ff_mult=4,
-                          cross_attention_freq=2, text=QFormerTextConfig(init_from=folder))
+                          cross_attention_freq=2, text=QFormerTextConfig())
     model = QFormer(cfg, media_dim=DV).eval()
     fresh = init_qformer_from_bert(model, folder)["fresh"]
+    built = build_resampler(ResamplerConfig(**{**cfg.__dict__, "bert_init": "packaged:all_minilm_l6_v2"}), DV)
+    for k, v in built.state_dict().items():  # bert_init: the same, when the resampler is built
+        if k not in fresh:
+            torch.testing.assert_close(v, model.state_dict()[k])
     assert fresh and all(k == "queries" or ".cross_attn." in k for k in fresh)
     tok = AutoTokenizer.from_pretrained(folder)
     batch = tok(["a red circle and a blue square", "the word CAT in the top left corner"], padding=True,

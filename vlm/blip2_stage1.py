@@ -33,10 +33,9 @@ from vlm.checkpoint import FORMAT_VERSION
 from vlm.config import VLMConfig
 from vlm.data.format import image_refs
 from vlm.data.pipeline import read_tar
-from vlm.hf_import import init_qformer_from_bert
 from vlm.images import load_image
 from vlm.pretrained import resolve
-from vlm.resampler import QFormer
+from vlm.resampler import build_resampler
 from vlm.tiling import tile_image
 from vlm.vision import VisionEncoder
 
@@ -123,17 +122,13 @@ def score_retrieval(model: QFormerStage1, feats: torch.Tensor, pmask: torch.Tens
     return {"pairs": len(ids), **retrieval_metrics(model.similarity(img, txt))}
 
 
-def build_stage1(model_cfg: VLMConfig, media_dim: int, heads: Stage1Config) -> tuple[QFormerStage1, dict]:
-    """The run's global resampler as a stage-1 Q-Former, its text branch from `text.init_from` (a BERT) if set."""
+def build_stage1(model_cfg: VLMConfig, media_dim: int, heads: Stage1Config) -> QFormerStage1:
+    """The run's global resampler as a stage-1 Q-Former (from its `bert_init`, a BERT, if set) with the heads."""
     rcfg = model_cfg.global_resampler
     if rcfg.kind != "qformer" or rcfg.text is None:
         raise ValueError("BLIP-2 stage 1 trains a Q-Former with a text branch: model.global_resampler needs "
                          "kind=qformer and `text` (model/resampler=minilm_qformer)")
-    qformer = QFormer(rcfg, media_dim)
-    info = {}
-    if rcfg.text.init_from:
-        info = init_qformer_from_bert(qformer, resolve(rcfg.text.init_from))
-    return QFormerStage1(qformer, heads), info
+    return QFormerStage1(build_resampler(rcfg, media_dim), heads)
 
 
 def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir: Path, *, run_config: dict | None = None
@@ -146,9 +141,12 @@ def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir
     out_dir = run_dir / "stage1"
     out_dir.mkdir(parents=True, exist_ok=True)
     vision = VisionEncoder(model_cfg.vision).eval().requires_grad_(False)
-    model, init = build_stage1(model_cfg, vision.dim, run.heads)
+    model = build_stage1(model_cfg, vision.dim, run.heads)
     text_cfg = model_cfg.global_resampler.text
-    tokenizer = AutoTokenizer.from_pretrained(resolve(text_cfg.tokenizer or text_cfg.init_from))
+    source = text_cfg.tokenizer or model_cfg.global_resampler.bert_init
+    if source is None:
+        raise ValueError("stage 1 needs a tokenizer for the text branch: the resampler's text.tokenizer or bert_init")
+    tokenizer = AutoTokenizer.from_pretrained(resolve(source))
 
     def tokens(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         t = tokenizer(captions, padding="longest", truncation=True, max_length=text_cfg.max_length,
@@ -212,7 +210,7 @@ def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir
                 "state_dict": state, "steps": run.steps, "retrieval": retrieval, "config": run_config},
                run_dir / "checkpoint.pt")
     summary = {"steps": run.steps, "pairs": len(ids), "train_seconds": round(train_seconds, 1),
-               "total_seconds": round(time.perf_counter() - start, 1), "init": {"fresh": len(init.get("fresh", []))},
+               "total_seconds": round(time.perf_counter() - start, 1), "bert_init": model_cfg.global_resampler.bert_init,
                "first": rows[0], "last": rows[-1], "retrieval": retrieval, "stage1": asdict(run)}
     (run_dir / "run.json").write_text(json.dumps(summary, indent=1))
     for name, r in retrieval.items():

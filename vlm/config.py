@@ -59,15 +59,12 @@ class VisionConfig:
 @dataclass
 class QFormerTextConfig:
     """The Q-Former's text branch (BLIP-2 stage 1): BERT word + position embeddings and a text feed-forward in every
-    layer, sharing the query branch's self-attention. `init_from`: a BERT folder (`packaged:all_minilm_l6_v2`) whose
-    embeddings, self-attention and feed-forward initialise both branches (cross-attention stays fresh), as BLIP-2
-    starts from BERT-base; its width, depth, heads and feed-forward size must be the Q-Former's."""
+    layer, sharing the query branch's self-attention (its init: the resampler's `bert_init`)."""
 
     vocab_size: int = 30522  # BERT's uncased WordPiece vocabulary
     max_positions: int = 512
     pad_token_id: int = 0
-    tokenizer: str | None = None  # a tokenizer folder; None: init_from's
-    init_from: str | None = None
+    tokenizer: str | None = None  # a tokenizer folder; None: the resampler's bert_init
     max_length: int = 32  # captions are cut to this many tokens ([CLS] and [SEP] included)
 
 
@@ -93,6 +90,10 @@ class ResamplerConfig:
     # D. Off in the reference models; a locality prior that makes every token image-dependent from step 0.
     pooled_queries: bool = False
     text: QFormerTextConfig | None = None  # Q-Former: the text branch of BLIP-2's stage 1 (null: queries only)
+    # Q-Former: a BERT folder (`packaged:all_minilm_l6_v2`) whose embeddings, self-attention and feed-forward initialise
+    # it when built (the feed-forward into both branches; cross-attention and queries stay fresh), as BLIP-2 starts from
+    # BERT-base. Its width, depth, heads and feed-forward size must be the Q-Former's.
+    bert_init: str | None = None
 
     @property
     def num_tokens(self) -> int:

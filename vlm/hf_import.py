@@ -150,24 +150,26 @@ def blip2_qformer_state_dict(hf_sd: Mapping[str, Tensor], query_tokens: Tensor, 
     return sd
 
 
-def bert_qformer_state_dict(bert_sd: Mapping[str, Tensor], depth: int) -> dict[str, Tensor]:
-    """A `BertModel` state dict -> the `QFormer` weights BLIP-2 initialises from BERT: the text embeddings (BERT's
-    token-type-0 row folded into the positions: BERT adds it to every token), the input LayerNorm, every layer's
-    self-attention, and its feed-forward as both the text and the query feed-forward (BLIP-2 copies `intermediate`
-    into `intermediate_query`). Cross-attention and the queries are not BERT's: they keep their init."""
-    sd = _bert_layers(bert_sd, depth=depth, attn="self", query_ff="", text_ff="", cross_attention_freq=None)
+def bert_qformer_state_dict(bert_sd: Mapping[str, Tensor], depth: int, text: bool = True) -> dict[str, Tensor]:
+    """A `BertModel` state dict -> the `QFormer` weights BLIP-2 initialises from BERT: the input LayerNorm, every
+    layer's self-attention and its feed-forward as the query feed-forward (BLIP-2 copies `intermediate` into
+    `intermediate_query`); with `text`, also the text feed-forward and the text embeddings (BERT's token-type-0 row
+    folded into the positions: BERT adds it to every token). Cross-attention and the queries are not BERT's."""
+    sd = _bert_layers(bert_sd, depth=depth, attn="self", query_ff="", text_ff="" if text else None,
+                      cross_attention_freq=None)
     emb = "embeddings."
-    sd["text.word.weight"] = bert_sd[f"{emb}word_embeddings.weight"]
-    sd["text.position.weight"] = bert_sd[f"{emb}position_embeddings.weight"] + bert_sd[
-        f"{emb}token_type_embeddings.weight"][0]  # (Tmax, D) + (D,)
+    if text:
+        sd["text.word.weight"] = bert_sd[f"{emb}word_embeddings.weight"]
+        sd["text.position.weight"] = bert_sd[f"{emb}position_embeddings.weight"] + bert_sd[
+            f"{emb}token_type_embeddings.weight"][0]  # (Tmax, D) + (D,)
     sd["norm_in.weight"], sd["norm_in.bias"] = bert_sd[f"{emb}LayerNorm.weight"], bert_sd[f"{emb}LayerNorm.bias"]
     return sd
 
 
 def init_qformer_from_bert(qformer: QFormer, folder: str) -> dict[str, list[str]]:
-    """Load a BERT folder's weights into a Q-Former with a text branch (`bert_qformer_state_dict`); the BERT's
-    sizes must be the Q-Former's. Returns the Q-Former weights BERT did not provide (`fresh`: the cross-attention
-    and the queries)."""
+    """Load a BERT folder's weights into a Q-Former (`bert_qformer_state_dict`; its text branch too if it has one);
+    the BERT's sizes must be the Q-Former's. Returns the Q-Former weights BERT did not provide (`fresh`: the
+    cross-attention and the queries)."""
     from transformers import AutoModel
 
     from vlm.pretrained import missing_weights
@@ -175,17 +177,18 @@ def init_qformer_from_bert(qformer: QFormer, folder: str) -> dict[str, list[str]
     try:
         bert = AutoModel.from_pretrained(folder)
     except OSError as err:
-        raise missing_weights("BERT (Q-Former text branch)", folder, "resampler text.init_from", err) from err
+        raise missing_weights("BERT (Q-Former init)", folder, "the resampler's bert_init", err) from err
     c, cfg = bert.config, qformer.cfg
     want = {"hidden_size": qformer.out_dim, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.heads,
-            "intermediate_size": cfg.ff_mult * qformer.out_dim, "vocab_size": cfg.text.vocab_size,
-            "max_position_embeddings": cfg.text.max_positions, "layer_norm_eps": cfg.layer_norm_eps}
+            "intermediate_size": cfg.ff_mult * qformer.out_dim, "layer_norm_eps": cfg.layer_norm_eps}
+    if cfg.text is not None:
+        want |= {"vocab_size": cfg.text.vocab_size, "max_position_embeddings": cfg.text.max_positions}
     differ = {k: (getattr(c, k), v) for k, v in want.items() if getattr(c, k) != v}
     if _activation_name(c.hidden_act) != cfg.activation:
         differ["hidden_act"] = (c.hidden_act, cfg.activation)
     if differ:
         raise ValueError(f"{folder}: its BERT does not fit this Q-Former (BERT, Q-Former): {differ}")
-    sd = bert_qformer_state_dict(bert.state_dict(), cfg.depth)
+    sd = bert_qformer_state_dict(bert.state_dict(), cfg.depth, text=cfg.text is not None)
     result = qformer.load_state_dict(sd, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"BERT -> Q-Former mapping produced unknown keys {result.unexpected_keys[:5]}")

@@ -414,4 +414,13 @@ def build_resampler(cfg: ResamplerConfig, media_dim: int) -> nn.Module:
     """The resampler `cfg.kind` names, reading media of width `media_dim`; its output width is `.out_dim`."""
     if cfg.kind not in RESAMPLERS:
         raise ValueError(f"unknown resampler kind {cfg.kind!r}; choose one of {sorted(RESAMPLERS)}")
-    return RESAMPLERS[cfg.kind](cfg, media_dim)
+    resampler = RESAMPLERS[cfg.kind](cfg, media_dim)
+    if cfg.bert_init is not None:
+        if cfg.kind != "qformer":
+            raise ValueError(f"bert_init initialises a Q-Former; this resampler is a {cfg.kind}")
+        from vlm.hf_import import init_qformer_from_bert  # it imports this module
+        from vlm.pretrained import resolve
+
+        with torch.random.fork_rng(devices=[]):  # loading BERT must not move the caller's RNG (the later inits)
+            init_qformer_from_bert(resampler, resolve(cfg.bert_init))
+    return resampler
