@@ -331,6 +331,17 @@ def test_request_refusals(client):
     refused(client, [{"role": "user", "content": "x"}], 422, "validation_error", temperature=5)
     refused(client, [{"role": "user", "content": "an <image> marker"}], 400, "invalid_content")
     refused(client, [{"role": "user", "content": "x"}], 400, "invalid_value", max_tokens=10**6)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    asked = {"tools": [tool], "response_format": {"type": "json_object"}, "logprobs": True,
+             "extra_body": {"functions": [tool["function"]]}}
+    for field, value in asked.items():  # a feature we do not have: 400 naming it (GPT-4V refused tools too)
+        err = refused(client, [{"role": "user", "content": "x"}], 400, "unsupported_parameter", **{field: value})
+        name = field if field != "extra_body" else "functions"
+        assert err["param"] == name and repr(name) in err["message"]
+    # the values that mean "not used" pass, and the server answers a normal request after each refusal
+    ok = chat(client, [{"role": "user", "content": "x"}], max_tokens=2, logprobs=False,
+              response_format={"type": "text"}, tool_choice="none")
+    assert ok.choices[0].message.content is not None
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}], max_tokens=1)
     r = httpx.post(str(client.base_url) + "chat/completions", content=b"{not json", timeout=TIMEOUT,

@@ -23,7 +23,7 @@ from vlm.serve.batcher import Batcher
 from vlm.serve.chat import complete
 from vlm.serve.config import ServeConfig
 from vlm.serve.fetch import FetchError, ImageFetcher
-from vlm.serve.schema import APIError, ChatRequest, error_response
+from vlm.serve.schema import APIError, ChatRequest, error_response, unsupported_fields
 
 __all__ = ["ServeConfig", "create_app", "load_model"]
 
@@ -50,6 +50,12 @@ async def list_models(request: Request):
 
 
 async def chat_completions(request: Request, req: ChatRequest):
+    unsupported = unsupported_fields(req)
+    if unsupported:
+        raise APIError(400, f"unsupported parameter{'s' if len(unsupported) > 1 else ''} "
+                            f"{', '.join(repr(f) for f in unsupported)}: this server does not implement "
+                            f"{'them' if len(unsupported) > 1 else 'it'}", param=unsupported[0],
+                       code="unsupported_parameter")
     return await complete(request.app.state, req)
 
 

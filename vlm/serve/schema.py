@@ -1,5 +1,6 @@
-"""The request schema of `POST /v1/chat/completions` (OpenAI's, unknown fields ignored) and the error every failure
-answers with, in OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
+"""The request schema of `POST /v1/chat/completions` (OpenAI's; fields we do not know are ignored, fields of OpenAI's we
+do not implement are refused: `unsupported_fields`) and the error every failure answers with, in OpenAI's shape
+{"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
 
@@ -52,7 +53,26 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+# OpenAI request fields this server does not implement, each with the values that mean "not used" (what a client may
+# send without asking for the feature). Any other value is refused with a 400 naming the field, rather than silently
+# ignored: GPT-4V itself refused `tools` and `response_format` (the seeds).
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}), "logprobs": (None, False),
+    "top_logprobs": (None, 0), "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+}
+
+
+def unsupported_fields(req: BaseModel) -> list[str]:
+    """The fields of `req` (sent by the client) that ask for a feature this server does not have."""
+    sent = req.model_extra or {}
+    return [name for name, unused in UNSUPPORTED_FIELDS.items() if name in sent and sent[name] not in unused]
+
+
 class ChatRequest(_Lenient):
+    model_config = ConfigDict(extra="allow")  # kept, so that `unsupported_fields` sees what was asked
+
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
