@@ -93,6 +93,15 @@ class ImageHandler(BaseHTTPRequestHandler):
                 self.send_response(302)
                 self.send_header("Location", route[1])
                 self.end_headers()
+            elif route[0] == "trickle":  # a slow peer: one byte every route[1] seconds, for ever (until cut)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(1 << 20))
+                self.end_headers()
+                for _ in range(1 << 20):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(route[1])
             elif route[0] == "big":  # no Content-Length: the client must stop reading itself
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
@@ -318,6 +327,57 @@ def test_image_refusals(client, served, name, url, status, code, words):
     assert not any(h.startswith(("10.", "169.254.", "[::1]", "localhost")) or h == f"127.0.0.1:{served.port}"
                    for h in new), new  # refused before any packet was sent
     assert chat(client, [{"role": "user", "content": "still there?"}], max_tokens=1).choices  # keeps answering
+
+
+def test_full_queue_answers_429_and_the_server_recovers(model):
+    """One request generating, a queue of one: the others of a burst are refused with 429 in OpenAI's shape (not
+    queued without bound), and once the burst is over a normal request is answered."""
+    s = Served(create_app(ServeConfig(max_queue=1, max_batch_size=1, max_wait_ms=0), model=model))
+    try:
+        c = openai.OpenAI(base_url=s.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
+        msgs = [{"role": "user", "content": "Keep talking."}]
+
+        def one(_):
+            try:
+                return chat(c, msgs, max_tokens=96, temperature=0).choices[0].message.content
+            except openai.APIStatusError as e:
+                return e
+
+        with ThreadPoolExecutor(12) as pool:
+            outs = list(pool.map(one, range(12)))
+        refused = [o for o in outs if isinstance(o, openai.APIStatusError)]
+        assert refused and len(refused) < 12, outs
+        for e in refused:
+            err = e.response.json()["error"]
+            assert e.status_code == 429 and err["code"] == "rate_limit_exceeded"
+            assert set(err) == {"message", "type", "param", "code"}
+        assert s.app.state.batcher.queue.qsize() == 0
+        assert chat(c, msgs, max_tokens=2).choices[0].message.content is not None
+    finally:
+        s.close()
+
+
+def test_a_trickling_image_host_is_cut_at_the_total_timeout_while_others_are_served(model, image_server):
+    img_port, handler = image_server
+    handler.routes["/trickle.png"] = ("trickle", 0.05)  # each byte well within the read timeout
+    cfg = ServeConfig(allow_hosts=[f"127.0.0.1:{img_port}"], fetch_read_timeout=5, fetch_total_timeout=2)
+    s = Served(create_app(cfg, model=model))
+    try:
+        c = openai.OpenAI(base_url=s.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
+        slow_msgs = image_msg(f"http://127.0.0.1:{img_port}/trickle.png")
+        with ThreadPoolExecutor(1) as pool:
+            start = time.monotonic()
+            slow = pool.submit(lambda: refused(c, slow_msgs, 400, "image_fetch_failed"))
+            time.sleep(0.3)
+            fast = chat(c, [{"role": "user", "content": "hi"}], max_tokens=2)  # served while the fetch trickles
+            fast_done = time.monotonic() - start
+            err = slow.result(timeout=30)
+            slow_done = time.monotonic() - start
+        assert fast.choices[0].message.content is not None and fast_done < slow_done
+        assert "timed out" in err["message"] and 1.5 < slow_done < 10
+        assert chat(c, [{"role": "user", "content": "hi"}], max_tokens=2).choices[0].message.content is not None
+    finally:
+        s.close()
 
 
 def test_request_refusals(client):
