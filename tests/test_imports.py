@@ -16,7 +16,8 @@ PARTS = {"vlm.tiling", "vlm.images", "vlm.layers", "vlm.pretrained", "vlm.tokeni
          "vlm.resampler", "vlm.visual", "vlm.fusion", "vlm.lm", "vlm.processor", "vlm.hf_import", "vlm.parallel",
          "vlm.feature_cache", "vlm.blip2"}
 MODEL = {"vlm.model"}
-GLUE = {"vlm.checkpoint", "vlm.throughput", "vlm.lit", "vlm.training", "vlm.callbacks", "vlm.vision_pretrain", "vlm.blip2_stage1",
+GLUE = {"vlm.checkpoint", "vlm.throughput", "vlm.lit", "vlm.training", "vlm.callbacks", "vlm.vision_pretrain",
+        "vlm.blip2_stage1",
         "vlm.compose", "vlm.report", "vlm.cli", "vlm.eval", "vlm.serve"}
 LIGHTNING = ("lightning", "pytorch_lightning")
 # (where, what it must never import, why)

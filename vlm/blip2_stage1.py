@@ -131,8 +131,8 @@ def build_stage1(model_cfg: VLMConfig, media_dim: int, heads: Stage1Config) -> Q
     return QFormerStage1(build_resampler(rcfg, media_dim), heads)
 
 
-def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir: Path, *, run_config: dict | None = None
-                 ) -> dict:
+def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir: Path, *,
+                 run_config: dict | None = None) -> dict:
     """The whole stage: read, encode, score the untrained Q-Former, train, score again, save. Returns the summary."""
     from transformers import AutoTokenizer
 
@@ -210,7 +210,8 @@ def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir
                 "state_dict": state, "steps": run.steps, "retrieval": retrieval, "config": run_config},
                run_dir / "checkpoint.pt")
     summary = {"steps": run.steps, "pairs": len(ids), "train_seconds": round(train_seconds, 1),
-               "total_seconds": round(time.perf_counter() - start, 1), "bert_init": model_cfg.global_resampler.bert_init,
+               "total_seconds": round(time.perf_counter() - start, 1),
+               "bert_init": model_cfg.global_resampler.bert_init,
                "first": rows[0], "last": rows[-1], "retrieval": retrieval, "stage1": asdict(run)}
     (run_dir / "run.json").write_text(json.dumps(summary, indent=1))
     for name, r in retrieval.items():

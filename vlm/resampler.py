@@ -368,7 +368,7 @@ class QFormer(nn.Module):
         return x[:, :n], x[:, n:]  # (V, L, D), (V, T, D)
 
     def encode_text(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
-        """The text alone (what the itc mask gives the text rows, without computing the queries): (V, T) -> (V, T, D)."""
+        """The text alone (what the itc mask gives the text rows, without the queries): (V, T) -> (V, T, D)."""
         x = self.drop_in(self.norm_in(self._text_embeds(input_ids)))  # (V, T, D)
         self_mask = rearrange(text_mask.bool(), "v t -> v 1 1 t")  # (V, 1, 1, T)
         for layer in self.layers:
