@@ -239,3 +239,12 @@ def test_stage1_run_saves_the_qformer_that_stage2_starts_from(tmp_path):
     saved = read_checkpoint(tmp_path / "run" / "checkpoint.pt")["state_dict"]
     for k, v in query_branch.items():
         torch.testing.assert_close(v, saved[f"visual.global_resampler.{k}"])
+
+
+def test_media_norm_is_blip2s_ln_vision():
+    """media_norm: the media are layer-normalised before the Q-Former sees them (so their scale does not matter)."""
+    model = qformer(media_norm=True)
+    media, ids, mask = torch.randn(B, P, DV), *text_batch()
+    torch.testing.assert_close(model(media * 50 + 3), model(media), atol=1e-4, rtol=1e-4)
+    q, _ = model.encode(media * 50 + 3, None, ids, mask, "itm")
+    torch.testing.assert_close(q, model.encode(media, None, ids, mask, "itm")[0], atol=1e-4, rtol=1e-4)

@@ -94,6 +94,9 @@ class ResamplerConfig:
     # it when built (the feed-forward into both branches; cross-attention and queries stay fresh), as BLIP-2 starts from
     # BERT-base. Its width, depth, heads and feed-forward size must be the Q-Former's.
     bert_init: str | None = None
+    # Q-Former: a (trained) LayerNorm on the media before the cross-attention, BLIP-2's `ln_vision` (its ViT features
+    # arrive normalised; a convnet's, e.g. EfficientNet's stage 3 at std ~6 per channel, do not). Off: the reference.
+    media_norm: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -322,6 +322,7 @@ class QFormer(nn.Module):
         self.queries = init_queries(cfg.num_tokens, dim, std=0.02)  # BLIP-2's initializer_range
         self.pool = PooledQueries(media_dim, dim) if cfg.pooled_queries else None
         self.text = QFormerTextEmbeddings(cfg.text, dim) if cfg.text is not None else None
+        self.norm_media = nn.LayerNorm(media_dim) if cfg.media_norm else None  # BLIP-2's ln_vision
         self.norm_in = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.drop_in = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
@@ -345,6 +346,7 @@ class QFormer(nn.Module):
     def forward(self, media: Tensor, mask: Tensor | None = None, latents: Tensor | None = None) -> Tensor:
         queries = self.queries if latents is None else latents
         _check_latents(queries, self.out_dim)
+        media = self._norm_media(media)
         x = self.norm_in(start_latents(self.pool, queries, media, mask))  # (V, L, D)
         x = self.drop_in(x)
         key_mask = _media_key_mask(mask)  # (V, 1, 1, P)
@@ -357,6 +359,7 @@ class QFormer(nn.Module):
         """[queries; text] through the shared layers under the stage-1 mask `mode` (`stage1_mask`): media (V, P, Dv)
         with its patch mask (V, P), text (V, T) with its padding mask -> query outputs (V, L, D), text outputs
         (V, T, D)."""
+        media = self._norm_media(media)
         start = start_latents(self.pool, self.queries, media, mask)  # (V, L, D)
         n = start.shape[1]
         x = torch.cat([start, self._text_embeds(input_ids)], dim=1)  # (V, L+T, D)
@@ -374,6 +377,9 @@ class QFormer(nn.Module):
         for layer in self.layers:
             x = layer(x, None, num_queries=0, self_mask=self_mask)
         return x
+
+    def _norm_media(self, media: Tensor) -> Tensor:
+        return media if self.norm_media is None else self.norm_media(media)  # (V, P, Dv)
 
     def _text_embeds(self, input_ids: Tensor) -> Tensor:
         if self.text is None:
