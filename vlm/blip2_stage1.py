@@ -201,7 +201,7 @@ def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir
         writer.writeheader()
         writer.writerows(rows)
     (out_dir / "retrieval.json").write_text(json.dumps(retrieval, indent=1))
-    plot_losses(rows, out_dir / "losses.png")
+    plot_losses(rows, out_dir / "losses.png", run.batch_size)
     state = {f"visual.global_resampler.{k}": v for k, v in model.qformer.state_dict().items()}
     state |= {f"stage1.{k}": v for k, v in model.state_dict().items() if not k.startswith("qformer.")}
     cfg_dict = model_cfg.to_dict()
@@ -222,8 +222,9 @@ def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir
     return summary
 
 
-def plot_losses(rows: list[dict], path: Path, smooth: int = 10) -> None:
-    """The three losses per step (thin) and their running mean over `smooth` steps, one panel each."""
+def plot_losses(rows: list[dict], path: Path, batch_size: int, smooth: int = 10) -> None:
+    """The three losses per step (thin) and their running mean over `smooth` steps, one panel each; dashed: what
+    ITC and ITM score at chance (ln B; the entropy of 1 positive in 3 pairs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,12 +232,16 @@ def plot_losses(rows: list[dict], path: Path, smooth: int = 10) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     steps = [r["step"] for r in rows]
+    chance = {"itc": math.log(batch_size), "itm": -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)}
     for ax, name in zip(axes, ("itc", "itm", "itg")):
         values = [r[name] for r in rows]
         mean = [sum(values[max(0, i - smooth + 1):i + 1]) / len(values[max(0, i - smooth + 1):i + 1])
                 for i in range(len(values))]
         ax.plot(steps, values, lw=0.6, alpha=0.4)
         ax.plot(steps, mean, lw=1.6)
+        if name in chance:
+            ax.axhline(chance[name], ls="--", lw=1, color="grey", label="chance")
+            ax.legend(loc="upper right")
         ax.set_title(f"{name.upper()} loss")
         ax.set_xlabel("step")
     fig.tight_layout()
