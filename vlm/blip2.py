@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 from vlm.layers import activation
 from vlm.resampler import QFormer
-
-IGNORE_INDEX = -100
+from vlm.tokenizer import IGNORE_INDEX
 
 
 @dataclass

@@ -32,7 +32,7 @@ from vlm.blip2 import QFormerStage1, Stage1Config, retrieval_metrics
 from vlm.checkpoint import FORMAT_VERSION
 from vlm.config import VLMConfig
 from vlm.data.format import image_refs
-from vlm.data.pipeline import read_tar
+from vlm.data.pipeline import check_shards, list_shards, read_tar
 from vlm.images import load_image
 from vlm.pretrained import resolve
 from vlm.resampler import build_resampler
@@ -58,24 +58,13 @@ class Stage1RunConfig:
     heads: Stage1Config = field(default_factory=Stage1Config)
 
 
-def shard_paths(spec) -> list[str]:
-    """A folder (its *.tar), a glob, a file or a list of them -> sorted shard paths."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    out = []
-    for s in specs:
-        p = Path(s)
-        found = sorted(p.glob("*.tar")) if p.is_dir() else sorted(Path().glob(s)) if any(c in s for c in "*?[") else [p]
-        out += [str(f) for f in found]
-    if not out:
-        raise FileNotFoundError(f"no shards at {spec}")
-    return out
-
-
 def read_pairs(spec, limit: int | None, tiling) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
     """Image-caption chats from shards -> each image's global view (3, S, S) uint8, its mask (S, S), and the caption
     (the chat's last assistant turn). A sample without an image or an answer is skipped and counted."""
     views, masks, captions, skipped = [], [], [], Counter()
-    for path in shard_paths(spec):
+    shards = list_shards(spec)
+    check_shards(shards)
+    for path in shards:
         for sample in read_tar(path, skipped):
             if limit is not None and len(captions) >= limit:
                 break
