@@ -34,7 +34,9 @@ from vlm.config import VLMConfig
 from vlm.data.format import image_refs
 from vlm.data.pipeline import check_shards, list_shards, read_tar
 from vlm.images import load_image
+from vlm.lit import warmup_cosine
 from vlm.pretrained import resolve
+from vlm.prompts import content_text
 from vlm.resampler import build_resampler
 from vlm.tiling import tile_image
 from vlm.vision import VisionEncoder
@@ -71,8 +73,7 @@ def read_pairs(spec, limit: int | None, tiling) -> tuple[list[torch.Tensor], lis
             record = json.loads(sample["json"])
             refs = image_refs(record)
             answers = [m["content"] for m in record.get("messages", []) if m.get("role") == "assistant"]
-            text = answers[-1] if answers else None
-            text = " ".join(p.get("text", "") for p in text) if isinstance(text, list) else text
+            text = content_text(answers[-1], image_token="") if answers else None
             if len(refs) != 1 or not text:
                 skipped["not one image and a caption"] += 1
                 continue
@@ -158,10 +159,8 @@ def train_stage1(model_cfg: VLMConfig, run: Stage1RunConfig, train_spec, run_dir
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=run.lr)
 
-    def lr_at(step: int) -> float:  # linear warmup, then cosine to 0
-        if step < run.warmup_steps:
-            return run.lr * (step + 1) / run.warmup_steps
-        return run.lr * 0.5 * (1 + math.cos(math.pi * (step - run.warmup_steps) / max(1, run.steps - run.warmup_steps)))
+    def lr_at(step: int) -> float:  # the runs' schedule (configs/schedule/warmup_cosine.yaml), down to 0
+        return run.lr * warmup_cosine(step, warmup=run.warmup_steps, total=run.steps, min_ratio=0.0)
 
     gen = torch.Generator().manual_seed(run.seed)
     rows = []
