@@ -12,7 +12,7 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 from vlm.blip2 import QFormerStage1, Stage1Config, retrieval_metrics
 from vlm.config import QFormerTextConfig, ResamplerConfig
-from vlm.hf_import import init_qformer_from_bert, stage1_from_blip2_retrieval
+from vlm.hf_weights import init_qformer_from_bert, stage1_from_blip2_retrieval
 from vlm.resampler import QFormer, build_resampler, stage1_mask
 
 B, P, DV, T, VOCAB = 3, 12, 24, 6, 50

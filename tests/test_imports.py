@@ -13,9 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"vlm.config"}
 PARTS = {"vlm.tiling", "vlm.images", "vlm.layers", "vlm.pretrained", "vlm.tokenizer", "vlm.prompts", "vlm.vision",
-         "vlm.resampler", "vlm.visual", "vlm.fusion", "vlm.lm", "vlm.processor", "vlm.hf_import", "vlm.parallel",
+         "vlm.resampler", "vlm.visual", "vlm.fusion", "vlm.lm", "vlm.processor", "vlm.hf_weights", "vlm.parallel",
          "vlm.feature_cache", "vlm.blip2"}
-MODEL = {"vlm.model"}
+MODEL = {"vlm.model", "vlm.hf_import"}
 GLUE = {"vlm.checkpoint", "vlm.throughput", "vlm.lit", "vlm.training", "vlm.callbacks", "vlm.vision_pretrain",
         "vlm.blip2_stage1",
         "vlm.compose", "vlm.report", "vlm.cli", "vlm.eval", "vlm.serve"}

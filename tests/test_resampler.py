@@ -12,7 +12,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel, IdeficsConfig
 from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 
 from vlm.config import ResamplerConfig
-from vlm.hf_import import perceiver_from_idefics, qformer_from_blip2
+from vlm.hf_weights import perceiver_from_idefics, qformer_from_blip2
 from vlm.resampler import PerceiverResampler, QFormer, build_resampler
 
 V, P, DV = 3, 40, 48

@@ -40,6 +40,11 @@ class VisionConfig:
     image_size: int = 512  # every view is encoded at this size (resized from the tile size if they differ); ViT
                            # position embeddings are interpolated to it
     feature_layer: int = -2  # which block's output to use (penultimate by default, as LLaVA)
+    # hf: keep the tower's class token as the first feature of every view (BLIP-2's Q-Former reads it; LLaVA drops it)
+    keep_class_token: bool = False
+    # hf: the tower's final LayerNorm (`post_layernorm`) on the chosen layer's output: BLIP-2 reads the last layer
+    # normalised (`last_hidden_state` of its vision model); CLIP's `post_layernorm` normally only sees the pooled token
+    post_layernorm: bool = False
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     hf_config: dict[str, Any] | None = None  # build a transformers tower from config (no weights)
     mean: tuple[float, float, float] | None = None  # pixel normalisation; None = the backbone's own

@@ -284,4 +284,7 @@ def build_fusion(cfg: FusionConfig, *, lm, media_dim: int) -> nn.Module:
     """The fusion `cfg.kind` names, for the LM adapter `lm` (its widths and depth) and the visual width."""
     if fusion_class(cfg.kind) is PrefixFusion:
         return PrefixFusion(cfg, media_dim=media_dim, embed_dim=lm.embed_dim)
+    if not lm.layers:
+        raise ValueError(f"fusion.kind=xattn needs decoder layers to put blocks before; this {lm.kind} LM adapter "
+                         f"has none (use model.fusion.kind=prefix, BLIP-2's way into an encoder-decoder LM)")
     return CrossAttentionFusion(cfg, lm_dim=lm.hidden_size, media_dim=media_dim, num_layers=len(lm.layers))

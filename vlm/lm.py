@@ -3,13 +3,15 @@ model.py never does: the input embeddings, a forward on embeddings with function
 (the fusion's, bound to that call), the loss and the label count, position ids, the decode loop and its caches, and
 activation checkpointing.
 
-`CausalLM` adapts any transformers `AutoModelForCausalLM`. An encoder-decoder adapter (T5 / FLAN-T5: prefix-LM loss,
-the soft prompt into the encoder) implements the same methods and is chosen by `build_language_model`.
+`CausalLM` adapts any transformers `AutoModelForCausalLM`; `Seq2SeqLM` an `AutoModelForSeq2SeqLM` (T5 / FLAN-T5:
+BLIP-2's prefix-LM loss, the soft prompt into the encoder). Both implement the same methods, return logits in the
+same layout, and `build_language_model` picks one by the checkpoint's config.
 
 Nothing here matches model names: the decoder stack is found by shape (`find_layer_stack`), widths are read from the
 config, and the LM is always driven through `inputs_embeds`.
 
-Shapes: B samples, T text tokens, n new tokens, De LM embedding width, Dl LM hidden width, W vocabulary.
+Shapes: B samples, T text tokens, n new (or target) tokens, Te encoder tokens, De LM embedding width, Dl LM hidden
+width, W vocabulary.
 """
 
 from __future__ import annotations
@@ -35,19 +37,33 @@ LayerFns = dict[int, Callable[[torch.Tensor], torch.Tensor]]  # decoder layer in
 LayersFor = Callable[[int, bool], LayerFns]
 
 
-def build_lm(cfg: LMConfig) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def lm_config(cfg: LMConfig):
+    """The transformers config of the LM `cfg` describes (its `is_encoder_decoder` picks the adapter)."""
+    from transformers import AutoConfig
 
-    dtype = getattr(torch, cfg.dtype)
     if cfg.hf_config is not None:
-        conf = AutoConfig.for_model(**cfg.hf_config)
-        return AutoModelForCausalLM.from_config(conf, dtype=dtype)
+        return AutoConfig.for_model(**cfg.hf_config)
     if cfg.name:
         try:
-            return AutoModelForCausalLM.from_pretrained(resolve(cfg.name), dtype=dtype)
+            return AutoConfig.from_pretrained(resolve(cfg.name))
         except OSError as e:
             raise missing_weights("language model", cfg.name, "model.lm.name (a local folder)", e) from e
     raise ValueError("LMConfig needs `name` (hub id or local folder) or `hf_config`")
+
+
+def build_lm(cfg: LMConfig) -> nn.Module:
+    """The transformers LM: `AutoModelForSeq2SeqLM` for an encoder-decoder config, else `AutoModelForCausalLM`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    dtype = getattr(torch, cfg.dtype)
+    conf = lm_config(cfg)
+    auto = AutoModelForSeq2SeqLM if conf.is_encoder_decoder else AutoModelForCausalLM
+    if cfg.hf_config is not None:
+        return auto.from_config(conf, dtype=dtype)
+    try:
+        return auto.from_pretrained(resolve(cfg.name), dtype=dtype)
+    except OSError as e:
+        raise missing_weights("language model", cfg.name, "model.lm.name (a local folder)", e) from e
 
 
 def add_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
@@ -108,15 +124,25 @@ def _layer_forward(forward: Callable, before: Callable | None, checkpoint: bool,
     return run(*args, **kwargs)
 
 
-class CausalLM(nn.Module):
-    """A decoder-only LM: next-token loss on shifted labels, positions from the attention mask (left padding), a
-    decode loop with the LM's own KV cache (transformers' `DynamicCache`)."""
+@contextlib.contextmanager
+def layers_bound(layers, fns: LayerFns | None, checkpoint: bool):
+    """For the duration of one LM call: each layer of `layers` runs `fns[index]` on its input first, and is
+    checkpointed as a whole with it. The wrappers are instance attributes removed after the call; the LM's modules,
+    hooks and state_dict keys are never touched otherwise."""
+    fns = fns or {}
+    wrapped = [i for i in range(len(layers)) if checkpoint or i in fns]
+    for i in wrapped:
+        layer = layers[i]
+        layer.forward = functools.partial(_layer_forward, type(layer).forward.__get__(layer), fns.get(i), checkpoint)
+    try:
+        yield
+    finally:
+        for i in wrapped:
+            del layers[i].forward
 
-    # vs transformers' gradient_checkpointing_enable: ours wraps each layer with the fusion function before it and
-    # runs whenever gradients are recorded (theirs only in train mode, so never for a frozen LLM, and it would not
-    # recompute a cross-attention that runs outside the layer).
 
-    kind = "causal"
+class _Adapter(nn.Module):
+    """What every LM adapter shares: the transformers model (`self.model`), its LoRA adapters and the widths."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -128,7 +154,6 @@ class CausalLM(nn.Module):
         self.hidden_size = conf.hidden_size  # width inside the decoder layers (cross-attention works here)
         self.embed_dim = self.model.get_input_embeddings().embedding_dim  # width of inputs_embeds (prefix)
         self.vocab_size = conf.vocab_size
-        self.layers = find_layer_stack(self.model, conf.num_hidden_layers)
         # transformers >= 5.x names the cache argument `cache` (`past_key_values` before, deprecated since)
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -160,24 +185,46 @@ class CausalLM(nn.Module):
             m.merge()
         return len(adapters)
 
-    # -------------------------------------------------------------------------------------------------- calls
-    @contextlib.contextmanager
-    def _layers_bound(self, fns: LayerFns | None, checkpoint: bool):
-        """For the duration of one LM call: each decoder layer runs `fns[layer]` on its input first, and is
-        checkpointed as a whole with it. The wrappers are instance attributes removed after the call; the LM's
-        modules, hooks and state_dict keys are never touched otherwise."""
-        fns = fns or {}
-        wrapped = [i for i in range(len(self.layers)) if checkpoint or i in fns]
-        for i in wrapped:
-            layer = self.layers[i]
-            layer.forward = functools.partial(_layer_forward, type(layer).forward.__get__(layer), fns.get(i),
-                                              checkpoint)
-        try:
-            yield
-        finally:
-            for i in wrapped:
-                del self.layers[i].forward
+    # --------------------------------------------------------------------------------------------------- loss
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | float | None = None
+             ) -> torch.Tensor:
+        """Next-token cross-entropy over supervised positions (labels != -100), in float32: their mean, or their sum
+        divided by `num_tokens` (a count over more than this batch, e.g. every rank of a data-parallel step).
+        Every adapter returns logits in this layout: logits[:, t] predicts token t + 1."""
+        logits = rearrange(logits[:, :-1], "b t w -> (b t) w").float()  # (B*(T-1), W)
+        targets = rearrange(labels[:, 1:], "b t -> (b t)")  # (B*(T-1),)
+        return _cross_entropy(logits, targets, num_tokens)
 
+    @staticmethod
+    def num_label_tokens(labels: torch.Tensor) -> torch.Tensor:
+        """How many token losses `loss` sums for these labels (a 0-dim tensor): the targets after the shift."""
+        return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_tokens: torch.Tensor | float | None
+                   ) -> torch.Tensor:
+    """(M, W) float logits, (M,) targets (-100: ignored) -> their mean loss, or their summed loss / `num_tokens`."""
+    if num_tokens is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_tokens
+
+
+class CausalLM(_Adapter):
+    """A decoder-only LM: next-token loss on shifted labels, positions from the attention mask (left padding), a
+    decode loop with the LM's own KV cache (transformers' `DynamicCache`)."""
+
+    # vs transformers' gradient_checkpointing_enable: ours wraps each layer with the fusion function before it and
+    # runs whenever gradients are recorded (theirs only in train mode, so never for a frozen LLM, and it would not
+    # recompute a cross-attention that runs outside the layer).
+
+    kind = "causal"
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__(cfg)
+        self.layers = find_layer_stack(self.model, self.model.config.get_text_config().num_hidden_layers)
+
+    # -------------------------------------------------------------------------------------------------- calls
     def call(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
              fns: LayerFns | None = None, cache=None) -> torch.Tensor:
         """One LM call on embeddings (B, T, De) -> logits (B, T, W). `cache`: the KV cache a decode goes on with.
@@ -186,14 +233,15 @@ class CausalLM(nn.Module):
         are what costs the memory."""
         checkpoint = self.cfg.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         kwargs = {self._cache_arg: cache} if cache is not None else {}
-        with self._layers_bound(fns, checkpoint):
+        with layers_bound(self.layers, fns, checkpoint):
             out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=cache is not None, return_dict=True, **kwargs)
         return out.logits
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                fns: LayerFns | None = None) -> torch.Tensor:
-        """Training / scoring: embeddings (B, T, De) -> logits (B, T, W), positions from the mask."""
+                fns: LayerFns | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Training / scoring: embeddings (B, T, De) -> logits (B, T, W), positions from the mask (`labels`: only
+        an encoder-decoder LM needs them, to split prompt from target)."""
         return self.call(embeds, attention_mask, positions_from_mask(attention_mask, embeds), fns)
 
     def supervised_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
@@ -207,33 +255,14 @@ class CausalLM(nn.Module):
         if getattr(conf, "final_logit_softcapping", None) or head is None or decoder is None:
             return self.loss(self.forward(embeds, attention_mask, fns), labels, num_tokens)
         checkpoint = self.cfg.gradient_checkpointing and torch.is_grad_enabled()
-        with self._layers_bound(fns, checkpoint):
+        with layers_bound(self.layers, fns, checkpoint):
             hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask,
                              position_ids=positions_from_mask(attention_mask, embeds), use_cache=False,
                              return_dict=True).last_hidden_state  # (B, T, Dl)
         targets = labels[:, 1:]  # (B, T-1)
         keep = targets != IGNORE_INDEX  # (B, T-1)
         logits = head(hidden[:, :-1][keep]).float()  # (M, W): the supervised positions only
-        if num_tokens is None:
-            return F.cross_entropy(logits, targets[keep])
-        return F.cross_entropy(logits, targets[keep], reduction="sum") / num_tokens
-
-    # --------------------------------------------------------------------------------------------------- loss
-    @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | float | None = None
-             ) -> torch.Tensor:
-        """Next-token cross-entropy over supervised positions (labels != -100), in float32: their mean, or their sum
-        divided by `num_tokens` (a count over more than this batch, e.g. every rank of a data-parallel step)."""
-        logits = rearrange(logits[:, :-1], "b t w -> (b t) w").float()  # (B*(T-1), W)
-        targets = rearrange(labels[:, 1:], "b t -> (b t)")  # (B*(T-1),)
-        if num_tokens is None:
-            return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_tokens
-
-    @staticmethod
-    def num_label_tokens(labels: torch.Tensor) -> torch.Tensor:
-        """How many token losses `loss` sums for these labels (a 0-dim tensor): the targets after the shift."""
-        return (labels[:, 1:] != IGNORE_INDEX).sum()
+        return _cross_entropy(logits, targets[keep], num_tokens)
 
     # ------------------------------------------------------------------------------------------------- decode
     @torch.no_grad()
@@ -279,6 +308,146 @@ class CausalLM(nn.Module):
             return DynamicCache()
 
 
+class Seq2SeqLM(_Adapter):
+    """An encoder-decoder LM (T5 / FLAN-T5: transformers' `AutoModelForSeq2SeqLM`) as BLIP-2's prefix LM: each
+    sample's prompt (every real token before its first supervised one, the soft prompt included) goes into the
+    encoder, the rest of its text comes from the decoder, which starts at the config's `decoder_start_token_id`.
+    Logits come back in the causal layout, logits[:, t] predicting token t + 1 (the decoder's outputs placed at the
+    prompt's last position onwards, zeros elsewhere), so the VLM's loss, scoring and label count are the same for
+    both kinds. Cross-attention fusion (functions before decoder layers) is not built for it."""
+
+    # vs BLIP-2's T5 path (prompt ids into the encoder, `labels` ids separately): one batch layout for every LM, the
+    # split made here from the labels, so the processor, collate, eval and the server do not know the LM's kind.
+
+    kind = "seq2seq"
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__(cfg)
+        conf = self.model.config
+        if conf.decoder_start_token_id is None:
+            raise ValueError("encoder-decoder LM: its config has no decoder_start_token_id")
+        self.start_token_id = int(conf.decoder_start_token_id)
+        self.layers = []  # no decoder layer takes a fusion function
+        encoder, decoder = self.model.get_encoder(), self.model.get_decoder()
+        self.blocks = [*find_layer_stack(encoder, conf.num_layers),  # what activation checkpointing wraps
+                       *find_layer_stack(decoder, getattr(conf, "num_decoder_layers", None) or conf.num_layers)]
+
+    # -------------------------------------------------------------------------------------------- the split
+    @staticmethod
+    def split(attention_mask: torch.Tensor | None, labels: torch.Tensor | None, length: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where each sample's target starts and ends: (first (B,), outputs (B,), real mask (B, T)). `first` is the
+        first supervised real token (no target: one past the last real token); the decoder makes `outputs` =
+        max(1, target length) predictions, output j at position first - 1 + j of the causal layout."""
+        real = torch.ones(1, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()  # (B, T)
+        if labels is not None:
+            real = real.expand(len(labels), -1)
+        t = torch.arange(length, device=real.device)  # (T,)
+        last = torch.where(real, t, -1).amax(1)  # (B,)
+        sup = real & (labels != IGNORE_INDEX) if labels is not None else torch.zeros_like(real)  # (B, T)
+        first = torch.where(sup.any(1), torch.where(sup, t, length).amin(1), last + 1)  # (B,)
+        if bool(((real & (t < first[:, None])).sum(1) == 0).any()):
+            raise ValueError("encoder-decoder LM: a sample has no prompt (its first real token is supervised); the "
+                             "encoder needs at least one token")
+        return first, (last + 1 - first).clamp(min=1), real
+
+    def _encode(self, embeds: torch.Tensor, real: torch.Tensor, first: torch.Tensor):
+        """The prompts (every real token before `first`) through the encoder -> (its output, its mask (B, Te))."""
+        te = int(first.max())
+        mask = (real & (torch.arange(real.shape[1], device=real.device) < first[:, None]))[:, :te]  # (B, Te)
+        hidden = self.model.get_encoder()(inputs_embeds=embeds[:, :te], attention_mask=mask.long(),
+                                          return_dict=True)  # last_hidden_state (B, Te, Dl)
+        return hidden, mask
+
+    def _start(self, like: torch.Tensor) -> torch.Tensor:
+        """The decoder start token's embedding for every sample, (B, 1, De)."""
+        return self.embed(torch.full((len(like), 1), self.start_token_id, device=like.device))
+
+    def _decode(self, embeds: torch.Tensor, first: torch.Tensor, outputs: torch.Tensor, encoded, enc_mask,
+                checkpoint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced decoder: the start token, then each target token but the last -> logits (B, n, W) and the
+        valid-output mask (B, n)."""
+        n = int(outputs.max())
+        j = torch.arange(n, device=embeds.device)  # (n,)
+        valid = j < outputs[:, None]  # (B, n)
+        src = (first[:, None] - 1 + j).clamp(0, embeds.shape[1] - 1)  # (B, n): target j - 1 feeds output j
+        dec = embeds.gather(1, src[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, n, De)
+        dec = torch.cat([self._start(embeds).to(dec.dtype), dec[:, 1:]], dim=1)  # (B, n, De)
+        with layers_bound(self.blocks, None, checkpoint):
+            logits = self.model(encoder_outputs=encoded, attention_mask=enc_mask.long(), decoder_inputs_embeds=dec,
+                                decoder_attention_mask=valid.long(), use_cache=False, return_dict=True).logits
+        return logits, valid  # (B, n, W), (B, n)
+
+    def _teacher_forced(self, embeds, attention_mask, labels, fns):
+        if fns:
+            raise ValueError("an encoder-decoder LM takes no cross-attention fusion (model.fusion.kind=prefix)")
+        checkpoint = self.cfg.gradient_checkpointing and torch.is_grad_enabled()
+        first, outputs, real = self.split(attention_mask, labels, embeds.shape[1])
+        with layers_bound(self.blocks, None, checkpoint):
+            encoded, enc_mask = self._encode(embeds, real, first)
+        logits, valid = self._decode(embeds, first, outputs, encoded, enc_mask, checkpoint)
+        return logits, valid, first
+
+    # -------------------------------------------------------------------------------------------------- calls
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                fns: LayerFns | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """embeddings (B, T, De) -> logits (B, T, W) in the causal layout. `labels` (B, T) say where each target
+        starts; without them the whole text is the prompt and only the next token is predicted (at the last real
+        position)."""
+        logits, valid, first = self._teacher_forced(embeds, attention_mask, labels, fns)  # (B, n, W), (B, n)
+        out = logits.new_zeros(*embeds.shape[:2], logits.shape[-1])  # (B, T, W)
+        b, j = valid.nonzero(as_tuple=True)  # (M,), (M,)
+        out[b, first[b] - 1 + j] = logits[b, j]
+        return out
+
+    def supervised_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                        fns: LayerFns | None = None, num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Training: BLIP-2's prefix-LM loss, the decoder's cross-entropy on each sample's target tokens."""
+        logits, valid, first = self._teacher_forced(embeds, attention_mask, labels, fns)  # (B, n, W), (B, n)
+        src = (first[:, None] + torch.arange(logits.shape[1], device=labels.device)).clamp(max=labels.shape[1] - 1)
+        targets = labels.gather(1, src).masked_fill(~valid, IGNORE_INDEX)  # (B, n)
+        return _cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), num_tokens)
+
+    # ------------------------------------------------------------------------------------------------- decode
+    @torch.no_grad()
+    def generate(self, embeds: torch.Tensor, attention_mask: torch.Tensor, *, pick: Callable[[torch.Tensor],
+                 torch.Tensor], max_new_tokens: int, eos: torch.Tensor, pad: int, layers: LayersFor | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """The prompt (B, T, De) through the encoder once, then the decoder from its start token, with its own
+        self-attention cache (`use_cache`) or rerun over every token so far (the reference). Returns the new tokens
+        (B, n <= max_new_tokens), `pad` after a sample's EOS."""
+        if layers is not None:
+            raise ValueError("an encoder-decoder LM takes no cross-attention fusion (model.fusion.kind=prefix)")
+        first, _, real = self.split(attention_mask, None, embeds.shape[1])
+        encoded, enc_mask = self._encode(embeds, real, first)
+        cache = self._new_cache() if use_cache else None
+        dec = self._start(embeds).to(embeds.dtype)  # (B, 1, De)
+        done = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
+        new_tokens = []
+        while len(new_tokens) < max_new_tokens:
+            kwargs = {self._cache_arg: cache} if cache is not None else {}
+            step = dec[:, -1:] if cache is not None else dec  # (B, 1 or n, De)
+            logits = self.model(encoder_outputs=encoded, attention_mask=enc_mask.long(), decoder_inputs_embeds=step,
+                                use_cache=cache is not None, return_dict=True, **kwargs).logits  # (B, *, W)
+            nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), pick(logits[:, -1].float()))  # (B,)
+            new_tokens.append(nxt)
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            dec = torch.cat([dec, self.embed(nxt[:, None]).to(dec.dtype)], dim=1)  # (B, n+1, De)
+        if not new_tokens:
+            return torch.zeros(len(embeds), 0, dtype=torch.long, device=embeds.device)
+        return torch.stack(new_tokens, dim=1)  # (B, n)
+
+    def _new_cache(self):
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        try:
+            return EncoderDecoderCache(DynamicCache(config=self.model.config), DynamicCache(config=self.model.config))
+        except TypeError:  # transformers before the config argument
+            return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
 class LearnedTokens(nn.Module):
     """Tokens the VLM adds to a frozen LM without touching its embedding table (Flamingo's `<image>` marker; the
     table stays frozen and unresized): each has a learned embedding that replaces the table's lookup, initialised to
@@ -303,6 +472,6 @@ class LearnedTokens(nn.Module):
 
 
 def build_language_model(cfg: LMConfig) -> nn.Module:
-    """The adapter for the LM `cfg` describes: decoder-only today; an encoder-decoder adapter is chosen here by the
-    checkpoint's config (`is_encoder_decoder`) when it lands."""
-    return CausalLM(cfg)
+    """The adapter for the LM `cfg` describes, chosen by its config: `Seq2SeqLM` for an encoder-decoder
+    (`is_encoder_decoder`), else `CausalLM`."""
+    return (Seq2SeqLM if lm_config(cfg).is_encoder_decoder else CausalLM)(cfg)

@@ -177,10 +177,9 @@ class VLM(nn.Module):
             loss = self.lm.supervised_loss(embeds, batch.get("attention_mask"), self.loss_labels(batch), fns,
                                            num_tokens)
             return VLMOutput(loss=loss, logits=None)
-        logits = self.lm(embeds, batch.get("attention_mask"), fns)
-        loss = None
-        if batch.get("labels") is not None:
-            loss = self.lm.loss(logits, self.loss_labels(batch), num_tokens)
+        labels = self.loss_labels(batch) if batch.get("labels") is not None else None
+        logits = self.lm(embeds, batch.get("attention_mask"), fns, labels=labels)  # (B, T, W)
+        loss = self.lm.loss(logits, labels, num_tokens) if labels is not None else None
         return VLMOutput(loss=loss, logits=logits)
 
     def loss_labels(self, batch: dict) -> torch.Tensor:

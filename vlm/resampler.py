@@ -424,7 +424,7 @@ def build_resampler(cfg: ResamplerConfig, media_dim: int) -> nn.Module:
     if cfg.bert_init is not None:
         if cfg.kind != "qformer":
             raise ValueError(f"bert_init initialises a Q-Former; this resampler is a {cfg.kind}")
-        from vlm.hf_import import init_qformer_from_bert  # it imports this module
+        from vlm.hf_weights import init_qformer_from_bert  # it imports this module
         from vlm.pretrained import resolve
 
         with torch.random.fork_rng(devices=[]):  # loading BERT must not move the caller's RNG (the later inits)

@@ -40,6 +40,8 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.backend == "timm":
+            if cfg.keep_class_token or cfg.post_layernorm:
+                raise ValueError("vision.keep_class_token / post_layernorm are for backend=hf towers")
             self.backbone, mean, std = _build_timm(cfg)
             self.dim = self.backbone.feature_info[self._timm_index]["num_chs"]
             maskable = "attn_mask" in inspect.signature(self.backbone.forward_intermediates).parameters
@@ -54,7 +56,11 @@ class VisionEncoder(nn.Module):
             self._channels_last = False
             self.backbone, mean, std, self._hf_index = _build_hf(cfg)
             self.dim = self.backbone.config.hidden_size
-            self._hf_prefix = 1 if self.backbone.config.model_type.startswith("clip") else 0
+            # class token(s) the tower puts before the patches (CLIP, BLIP-2: one; SigLIP: none)
+            self._hf_prefix = int(hasattr(getattr(self.backbone, "embeddings", None), "class_embedding"))
+            if cfg.post_layernorm and not hasattr(self.backbone, "post_layernorm"):
+                raise ValueError(f"vision.post_layernorm: {type(self.backbone).__name__} has no post_layernorm")
+            self._hf_norm = self.backbone.post_layernorm if cfg.post_layernorm else None
             self.tokens_per_view = (cfg.image_size // self.backbone.config.patch_size) ** 2 + self._hf_prefix
         else:
             raise ValueError(f"vision backend must be 'timm' or 'hf', got {cfg.backend!r}")
@@ -153,9 +159,16 @@ class VisionEncoder(nn.Module):
             feats = rearrange(fmap, "v d h w -> v (h w) d")  # (V, P, Dv)
         else:
             out = self.backbone(pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=True)
-            feats = out.hidden_states[self._hf_index][:, self._hf_prefix:]  # (V, P, Dv), class token dropped
-            side = int(feats.shape[1] ** 0.5)
+            feats = out.hidden_states[self._hf_index]  # (V, R+P, Dv)
+            if self._hf_norm is not None:
+                feats = self._hf_norm(feats)
+            side = int((feats.shape[1] - self._hf_prefix) ** 0.5)
             grid, valid = (side, side), None
+            if self.cfg.keep_class_token:  # the class token first, always valid
+                patches = patch_mask(pixel_mask, grid)  # (V, P)
+                valid = torch.cat([patches.new_ones(len(x), self._hf_prefix), patches], dim=1)  # (V, R+P)
+            else:
+                feats = feats[:, self._hf_prefix:]  # (V, P, Dv), class token dropped
         return feats, grid, valid
 
 
@@ -194,18 +207,32 @@ def _build_timm(cfg: VisionConfig):
     return model, tuple(pc.get("mean", HALF)), tuple(pc.get("std", HALF))
 
 
+def _tower_class(conf):
+    """The transformers model class of a vision tower config: AutoModel's, or for towers AutoModel does not map
+    (BLIP-2's `Blip2VisionConfig`) the class named after the config (`Blip2VisionModel`)."""
+    import transformers
+    from transformers import AutoModel
+
+    if type(conf) in AutoModel._model_mapping:
+        return AutoModel._model_mapping[type(conf)]
+    cls = getattr(transformers, type(conf).__name__.removesuffix("Config") + "Model", None)
+    if cls is None:
+        raise ValueError(f"no transformers vision model for {type(conf).__name__}")
+    return cls
+
+
 def _build_hf(cfg: VisionConfig):
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     if cfg.hf_config is not None:
         conf = AutoConfig.for_model(**cfg.hf_config)
-        model = AutoModel.from_config(conf)
+        model = _tower_class(conf)(conf)
     else:
         source = resolve(cfg.checkpoint_path or cfg.name)
         try:
             conf = AutoConfig.from_pretrained(source)
             conf = getattr(conf, "vision_config", conf)  # a full CLIP/SigLIP checkpoint: keep the tower
-            model_cls = AutoModel._model_mapping[type(conf)]
+            model_cls = _tower_class(conf)
             model = model_cls.from_pretrained(source, config=conf) if cfg.pretrained else model_cls(conf)
         except OSError as e:
             raise missing_weights("transformers vision", cfg.name, "model.vision.checkpoint_path", e) from e
