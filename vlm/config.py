@@ -61,6 +61,16 @@ class VisionConfig:
     feature_cache_dtype: str | None = None  # None: the features' own dtype (bit-identical); "float16" / "bfloat16"
 
 
+# Vision fields added after caches keyed on the whole VisionConfig existed (stage 0's, the feature cache's): at these
+# values they change nothing, so `cache_fields` leaves them out and the older caches stay valid.
+VISION_FIELDS_ADDED = {"keep_class_token": False, "post_layernorm": False}
+
+
+def cache_fields(cfg: VisionConfig) -> dict[str, Any]:
+    """The vision config as cache keys hash it: every field but those of `VISION_FIELDS_ADDED` at their no-op value."""
+    return {k: v for k, v in asdict(cfg).items() if k not in VISION_FIELDS_ADDED or v != VISION_FIELDS_ADDED[k]}
+
+
 @dataclass
 class QFormerTextConfig:
     """The Q-Former's text branch (BLIP-2 stage 1): BERT word + position embeddings and a text feed-forward in every

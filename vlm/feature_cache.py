@@ -42,13 +42,13 @@ import uuid
 import weakref
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlm.config import VisionConfig
+from vlm.config import VisionConfig, cache_fields
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def encoder_key(cfg: VisionConfig, encoder: nn.Module, device_type: str, dtype: 
     if memo is None or memo[0] != token:
         memo = (token, weights_fingerprint(encoder))
         _KEYS[encoder] = memo
-    fields_ = {k: v for k, v in asdict(cfg).items() if k not in UNKEYED}
+    fields_ = {k: v for k, v in cache_fields(cfg).items() if k not in UNKEYED}
     param = next(encoder.parameters())
     autocast = str(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
     if cfg.autocast is not None:  # the encoder's own autocast decides (a keyed field): a bf16-mixed run and an fp32

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.checkpoint import upgrade_state_dict
-from vlm.config import TilingConfig
+from vlm.config import TilingConfig, cache_fields
 from vlm.data.format import image_refs
 from vlm.data.pipeline import read_tar
 from vlm.data.synthetic import COLOURS, POSITIONS, QUESTIONS, SHAPES, read_manifest
@@ -215,7 +215,8 @@ def cache_key(model, root: str | Path, cfg: VisionPretrainConfig, seed: int) -> 
     """Everything stage 0's result is a function of: the recipe version, the corpus, the encoder / resampler / tiling
     config, stage 0's own settings, the seed."""
     mc = model.cfg.to_dict()
-    mc["vision"] = {k: v for k, v in mc["vision"].items() if not k.startswith("feature_cache")}  # where, not what
+    mc["vision"] = {k: v for k, v in cache_fields(model.cfg.vision).items()
+                    if not k.startswith("feature_cache")}  # where, not what
     blob = {"version": VERSION, "corpus": read_manifest(root)["params"], "stage0": asdict(cfg), "seed": seed,
             "model": {k: mc[k] for k in ("vision", "global_resampler", "tile_resampler", "share_resamplers")},
             "tiling": {k: v for k, v in mc["tiling"].items() if k != "force_detail"}}  # stage 0 always tiles "high"
