@@ -488,46 +488,38 @@ def test_default_run_behind_the_server_answers_paris_and_the_corner_words(tmp_pa
         proc.wait(timeout=30)
 
 
-@pytest.mark.slow
-def test_served_lora_checkpoint_answers_as_eval_scores_it(tmp_path):
-    """train.py with LoRA on a frozen LLM (loaded from its folder) -> checkpoint.pt holding the adapters and the
-    trained parts, no LLM base weight -> eval.py's predictions on the synthetic test split; the same checkpoint behind
-    the server (adapters merged, as in eval.py) answers every question, asked through the official client as eval
-    asks it, exactly as eval.py predicted."""
+CORPUS = ["+data.corpus.n_train=8", "+data.corpus.n_val=0", "+data.corpus.n_test=4", "+data.corpus.shard_size=4"]
+
+
+def trained_and_evaluated(tmp_path, *overrides: str) -> tuple[Path, list[dict]]:
+    """train.py for 3 steps on a tiny corpus (experiment=tiny_random without stage 0, plus `overrides`), then eval.py
+    on its checkpoint: the run folder and eval's predictions on the 4 test questions."""
     import json
 
-    import torch
-    from _tiny import LORA, saved_tiny_lm
-
-    from vlm.eval.runner import build_messages
-    from vlm.eval.tasks import load_task
-
-    corpus = [f"data.root={tmp_path}/synthetic", "+data.corpus.n_train=8", "+data.corpus.n_val=0",
-              "+data.corpus.n_test=4", "+data.corpus.shard_size=4"]
-    lm = saved_tiny_lm(tmp_path / "lm")
+    corpus = [f"data.root={tmp_path}/synthetic", *CORPUS]
     run = tmp_path / "run"
     train = subprocess.run([sys.executable, "train.py", *corpus, "experiment=tiny_random", "vision_pretrain=null",
-                            *lm, LORA, "trainer.max_steps=3", "data.batch_size=2", "data.num_workers=0",
+                            *overrides, "trainer.max_steps=3", "data.batch_size=2", "data.num_workers=0",
                             "logger=none", f"hydra.run.dir={run}"], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
-    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["state_dict"]
-    lm_keys = [k for k in saved if k.startswith("lm.")]
-    assert lm_keys and all(".lora_" in k for k in lm_keys)
-    assert any(k.startswith("fusion.") for k in saved)
-
     ev = subprocess.run([sys.executable, "eval.py", *corpus, f"checkpoint={run}/checkpoint.pt", "batch_size=3",
                          "max_new_tokens=6", f"hydra.run.dir={tmp_path}/eval"], cwd=REPO, capture_output=True,
                         text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     predicted = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predicted) == 4
-    assert all(r["prediction"] for r in predicted)  # answers to compare (the untrained tiny LLM: bytes)
+    assert all(r["prediction"] for r in predicted)  # answers to compare (an untrained tiny LLM: bytes)
+    return run, predicted
+
+
+def assert_served_as_evaluated(model, tmp_path, predicted: list[dict]) -> None:
+    """Every test question, asked through the official client as eval asks it, gets eval's prediction."""
+    from vlm.eval.runner import build_messages
+    from vlm.eval.tasks import load_task
 
     task = load_task("synthetic", data_root=str(tmp_path / "synthetic"))
     questions = task.read(tmp_path / "synthetic")
-    model = load_model(ServeConfig(checkpoint=str(run / "checkpoint.pt")))
-    assert model.lm.adapters() and all(m.merged for m in model.lm.adapters())
     s = Served(create_app(ServeConfig(default_max_tokens=6), model=model))
     try:
         client = openai.OpenAI(base_url=s.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
@@ -540,3 +532,32 @@ def test_served_lora_checkpoint_answers_as_eval_scores_it(tmp_path):
             assert out.choices[0].message.content.strip() == row["prediction"]
     finally:
         s.close()
+
+
+@pytest.mark.slow
+def test_served_lora_checkpoint_answers_as_eval_scores_it(tmp_path):
+    """train.py with LoRA on a frozen LLM (loaded from its folder) -> checkpoint.pt holding the adapters and the
+    trained parts, no LLM base weight -> eval.py's predictions on the synthetic test split; the same checkpoint behind
+    the server (adapters merged, as in eval.py) answers every question, asked through the official client as eval
+    asks it, exactly as eval.py predicted."""
+    import torch
+    from _tiny import LORA, saved_tiny_lm
+
+    run, predicted = trained_and_evaluated(tmp_path, *saved_tiny_lm(tmp_path / "lm"), LORA)
+    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["state_dict"]
+    lm_keys = [k for k in saved if k.startswith("lm.")]
+    assert lm_keys and all(".lora_" in k for k in lm_keys)
+    assert any(k.startswith("fusion.") for k in saved)
+    model = load_model(ServeConfig(checkpoint=str(run / "checkpoint.pt")))
+    assert model.lm.adapters() and all(m.merged for m in model.lm.adapters())
+    assert_served_as_evaluated(model, tmp_path, predicted)
+
+
+@pytest.mark.slow
+def test_served_t5_checkpoint_answers_as_eval_scores_it(tmp_path):
+    """The encoder-decoder path end to end: train.py with the tiny T5 (BLIP-2's prefix LM), eval.py on its checkpoint,
+    and the server answering every question as eval predicted it."""
+    run, predicted = trained_and_evaluated(tmp_path, "model/lm=tiny_t5", "model/fusion=prefix")
+    model = load_model(ServeConfig(checkpoint=str(run / "checkpoint.pt")))
+    assert model.lm.kind == "seq2seq"
+    assert_served_as_evaluated(model, tmp_path, predicted)
