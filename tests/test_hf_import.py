@@ -134,12 +134,12 @@ def test_t5_prefix_lm_split_and_loss():
     labels = torch.full((2, 6), IGNORE_INDEX)
     labels[0, 3:5] = torch.tensor([5, 6])
     labels[1, 4:] = torch.tensor([7, 8])
-    first, outputs, _ = lm.split(mask, labels, 6)
+    first, outputs, _ = lm.split(mask, labels, torch.zeros(2, 6, 1))
     assert first.tolist() == [3, 4] and outputs.tolist() == [2, 2]
-    first, outputs, _ = lm.split(mask, None, 6)  # no labels: all prompt, one prediction after the last real token
+    first, outputs, _ = lm.split(mask, None, torch.zeros(2, 6, 1))  # no labels: one prediction after the prompt
     assert first.tolist() == [5, 6] and outputs.tolist() == [1, 1]
     with pytest.raises(ValueError, match="no prompt"):
-        lm.split(mask, torch.where(mask.bool(), 1, IGNORE_INDEX), 6)
+        lm.split(mask, torch.where(mask.bool(), 1, IGNORE_INDEX), torch.zeros(2, 6, 1))
     with pytest.raises(ValueError, match="prefix"):
         ours.cfg.fusion.kind = "xattn"
         from vlm.fusion import build_fusion

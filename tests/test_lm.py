@@ -53,7 +53,8 @@ def test_loss_is_the_mean_over_supervised_targets():
 
 @pytest.mark.parametrize("overrides", [[], ["model/fusion=prefix"], ["model/lm=tiny_gpt2"],
                                        ["model/lm=tiny_opt", "model/resampler=tiny_qformer"],
-                                       ["model/lm=tiny_qwen2", "model.fusion.only_immediate=false"]])
+                                       ["model/lm=tiny_qwen2", "model.fusion.only_immediate=false"],
+                                       ["model/lm=tiny_t5", "model/fusion=prefix"]])
 def test_generation_with_cache_equals_without(overrides):
     """The LM's KV cache and the media K/V cache change nothing: every step recomputed from scratch gives the same
     tokens."""
@@ -142,6 +143,28 @@ def test_activation_checkpointing_recomputes_layers_and_cross_attention(frozen_l
     assert grads[0].keys() == grads[1].keys()
     assert any(k.startswith("lm.") for k in grads[0]) != frozen_llm
     assert any(k.startswith("fusion.") for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_t5_checkpointing_recomputes_both_stacks_with_the_same_gradients():
+    """The encoder-decoder adapter: with `model.lm.gradient_checkpointing` every encoder and decoder block runs again
+    in backward, and the gradients (the prefix-LM loss through both stacks into the projector) are unchanged."""
+    grads, counts = [], []
+    for checkpointing in (False, True):
+        model, proc = build("model/lm=tiny_t5", "model/fusion=prefix",
+                            f"model.lm.gradient_checkpointing={checkpointing}")
+        model.train()
+        calls = [0]
+        for block in model.lm.blocks:  # T5Block: its last sub-layer is the feed-forward
+            block.layer[-1].register_forward_pre_hook(lambda *_, c=calls: c.__setitem__(0, c[0] + 1))
+        batch = collate([_qa(proc, "a cat"), _qa(proc, "two dogs", photo(300, 200, 1))],
+                        pad_token_id=proc.tokenizer.pad_token_id)
+        model(batch, logits=False).loss.backward()
+        counts.append(calls[0])
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert model.lm.kind == "seq2seq" and counts == [len(model.lm.blocks), 2 * len(model.lm.blocks)]
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("fusion.") for k in grads[0])
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5, msg=k)
 

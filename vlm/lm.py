@@ -334,14 +334,14 @@ class Seq2SeqLM(_Adapter):
 
     # -------------------------------------------------------------------------------------------- the split
     @staticmethod
-    def split(attention_mask: torch.Tensor | None, labels: torch.Tensor | None, length: int
+    def split(attention_mask: torch.Tensor | None, labels: torch.Tensor | None, embeds: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Where each sample's target starts and ends: (first (B,), outputs (B,), real mask (B, T)). `first` is the
-        first supervised real token (no target: one past the last real token); the decoder makes `outputs` =
-        max(1, target length) predictions, output j at position first - 1 + j of the causal layout."""
-        real = torch.ones(1, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()  # (B, T)
-        if labels is not None:
-            real = real.expand(len(labels), -1)
+        """Where each sample's target starts and ends in `embeds` (B, T, De): (first (B,), outputs (B,), real mask
+        (B, T)). `first` is the first supervised real token (no target: one past the last real token); the decoder
+        makes `outputs` = max(1, target length) predictions, output j at position first - 1 + j of the causal layout."""
+        (b, length), device = embeds.shape[:2], embeds.device
+        real = (torch.ones(b, length, dtype=torch.bool, device=device) if attention_mask is None
+                else attention_mask.bool())  # (B, T)
         t = torch.arange(length, device=real.device)  # (T,)
         last = torch.where(real, t, -1).amax(1)  # (B,)
         sup = real & (labels != IGNORE_INDEX) if labels is not None else torch.zeros_like(real)  # (B, T)
@@ -382,7 +382,7 @@ class Seq2SeqLM(_Adapter):
         if fns:
             raise ValueError("an encoder-decoder LM takes no cross-attention fusion (model.fusion.kind=prefix)")
         checkpoint = self.cfg.gradient_checkpointing and torch.is_grad_enabled()
-        first, outputs, real = self.split(attention_mask, labels, embeds.shape[1])
+        first, outputs, real = self.split(attention_mask, labels, embeds)
         with layers_bound(self.blocks, None, checkpoint):
             encoded, enc_mask = self._encode(embeds, real, first)
         logits, valid = self._decode(embeds, first, outputs, encoded, enc_mask, checkpoint)
@@ -418,7 +418,7 @@ class Seq2SeqLM(_Adapter):
         (B, n <= max_new_tokens), `pad` after a sample's EOS."""
         if layers is not None:
             raise ValueError("an encoder-decoder LM takes no cross-attention fusion (model.fusion.kind=prefix)")
-        first, _, real = self.split(attention_mask, None, embeds.shape[1])
+        first, _, real = self.split(attention_mask, None, embeds)
         encoded, enc_mask = self._encode(embeds, real, first)
         cache = self._new_cache() if use_cache else None
         dec = self._start(embeds).to(embeds.dtype)  # (B, 1, De)
