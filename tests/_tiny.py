@@ -70,3 +70,15 @@ def mixed_batch(proc: Processor, padding_side: str = "right", labels: bool = Tru
         for s in samples:
             s["labels"] = s["input_ids"].clone()
     return collate(samples, pad_token_id=proc.tokenizer.pad_token_id, padding_side=padding_side)
+
+
+@torch.no_grad()
+def nontrivial_blip2(hf: torch.nn.Module) -> torch.nn.Module:
+    """A transformers BLIP-2 model with random LayerNorm affines and queries (its init has weight 1, bias 0 and zero
+    queries): a parity test must not pass because a norm or the queries were skipped."""
+    for m in hf.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0.0, 0.2)
+    hf.query_tokens.normal_()
+    return hf.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny import nontrivial_blip2
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 from vlm.blip2 import QFormerStage1, Stage1Config, retrieval_metrics
@@ -110,13 +111,7 @@ def blip2_retrieval(hidden: int = 32, layers: int = 2) -> Blip2ForImageTextRetri
         num_query_tokens=5, image_text_hidden_size=16,
     )
     hf = Blip2ForImageTextRetrieval(config).eval()
-    with torch.no_grad():  # non-trivial LayerNorms and queries: parity must not pass by accident
-        for m in hf.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-        hf.query_tokens.normal_()
-    return hf
+    return nontrivial_blip2(hf)
 
 
 def test_itc_and_itm_scores_equal_blip2_retrieval():

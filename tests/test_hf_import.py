@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny import nontrivial_blip2
 from PIL import Image
 from skimage import data as skdata
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
@@ -39,12 +40,8 @@ def blip2(lm: str) -> Blip2ForConditionalGeneration:
         text_config=TEXT[lm], num_query_tokens=QUERIES, image_token_index=IMAGE,
     )
     hf = Blip2ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # non-trivial norms and queries: parity must not pass by accident
-        for m in hf.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-        hf.query_tokens.normal_()
+    nontrivial_blip2(hf)
+    with torch.no_grad():
         for name, p in hf.language_model.named_parameters():  # layers louder than the residual stream: a random LM
             if p.dim() == 2 and "embed" not in name and "shared" not in name:  # otherwise only echoes its input
                 p.mul_(4.0)
