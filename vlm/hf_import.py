@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from vlm.config import FusionConfig, LMConfig, TilingConfig, VisionConfig, VLMConfig
-from vlm.hf_weights import _blip2_qformer_config, blip2_qformer_state_dict
+from vlm.hf_weights import blip2_qformer_config, blip2_qformer_state_dict
 from vlm.model import VLM
 from vlm.vision import CLIP_MEAN, CLIP_STD
 
@@ -37,7 +37,7 @@ def from_hf(hf_model: nn.Module, *, tokenizer: str | None = None) -> VLM:
 def blip2_config(hf_config, *, tokenizer: str | None = None) -> VLMConfig:
     """A transformers `Blip2Config` -> the `VLMConfig` that reproduces the model and its preprocessing."""
     vc, qc, tc = hf_config.vision_config, hf_config.qformer_config, hf_config.text_config
-    resampler = _blip2_qformer_config(qc, hf_config.num_query_tokens)
+    resampler = blip2_qformer_config(qc, hf_config.num_query_tokens)
     image_token = "<image>"  # BLIP-2's processor's, added to its tokenizer (id `image_token_index`)
     return VLMConfig(
         vision=VisionConfig(backend="hf", hf_config=vc.to_dict(), image_size=vc.image_size, feature_layer=-1,

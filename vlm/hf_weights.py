@@ -205,14 +205,14 @@ def qformer_from_blip2(hf: nn.Module, query_tokens: Tensor) -> QFormer:
     num_tokens = query_tokens.shape[-2]
     if query_tokens.shape[-1] != c.hidden_size:
         raise ValueError(f"query_tokens width {query_tokens.shape[-1]} != hidden_size {c.hidden_size}")
-    cfg = _blip2_qformer_config(c, num_tokens)
+    cfg = blip2_qformer_config(c, num_tokens)
     ours = QFormer(cfg, media_dim=c.encoder_hidden_size)
     sd = blip2_qformer_state_dict(hf.state_dict(), query_tokens, depth=cfg.depth,
                                   cross_attention_freq=cfg.cross_attention_freq)
     return _load(ours, sd, hf.layernorm.weight)
 
 
-def _blip2_qformer_config(c, num_tokens: int, text: QFormerTextConfig | None = None) -> ResamplerConfig:
+def blip2_qformer_config(c, num_tokens: int, text: QFormerTextConfig | None = None) -> ResamplerConfig:
     """A transformers `Blip2QFormerConfig` (+ BLIP-2's query count, class token included) -> our config."""
     return ResamplerConfig(
         kind="qformer", num_queries=num_tokens - 1, dim=c.hidden_size, depth=c.num_hidden_layers,
@@ -232,7 +232,7 @@ def stage1_from_blip2_retrieval(hf: nn.Module) -> QFormerStage1:
         raise ValueError("this BLIP-2 Q-Former has no text branch (qformer_config.use_qformer_text_input=False)")
     text = QFormerTextConfig(vocab_size=c.vocab_size, max_positions=c.max_position_embeddings,
                              pad_token_id=c.pad_token_id)
-    cfg = _blip2_qformer_config(c, hf.query_tokens.shape[1], text)
+    cfg = blip2_qformer_config(c, hf.query_tokens.shape[1], text)
     ours = QFormerStage1(QFormer(cfg, media_dim=c.encoder_hidden_size),
                          Stage1Config(embed_dim=hf.config.image_text_hidden_size))
     sd = {f"qformer.{k}": v for k, v in blip2_qformer_state_dict(
