@@ -202,6 +202,25 @@ class _Adapter(nn.Module):
         return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def _next_token(logits: torch.Tensor, done: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor], pad: int,
+                eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's tokens from the last position's logits (B, *, W): `pick`ed, `pad` for samples already done;
+    and which samples are done after it."""
+    nxt = pick(logits[:, -1].float())  # (B,)
+    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+    return nxt, done | torch.isin(nxt, eos)
+
+
+def _dynamic_cache(config):
+    """transformers' `DynamicCache` for a model config (no config argument before transformers 4.56)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:
+        return DynamicCache()
+
+
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_tokens: torch.Tensor | float | None
                    ) -> torch.Tensor:
     """(M, W) float logits, (M,) targets (-100: ignored) -> their mean loss, or their summed loss / `num_tokens`."""
@@ -281,10 +300,8 @@ class CausalLM(_Adapter):
         done = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
         new_tokens = []
         for _ in range(max_new_tokens):
-            nxt = pick(logits[:, -1].float())  # (B,)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            nxt, done = _next_token(logits, done, pick, pad, eos)  # (B,), (B,)
             new_tokens.append(nxt)
-            done = done | torch.isin(nxt, eos)
             if bool(done.all()) or len(new_tokens) == max_new_tokens:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+1)
@@ -300,12 +317,7 @@ class CausalLM(_Adapter):
         return torch.stack(new_tokens, dim=1)  # (B, n)
 
     def _new_cache(self):
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # transformers before the config argument
-            return DynamicCache()
+        return _dynamic_cache(self.model.config)
 
 
 class Seq2SeqLM(_Adapter):
@@ -424,15 +436,14 @@ class Seq2SeqLM(_Adapter):
         dec = self._start(embeds).to(embeds.dtype)  # (B, 1, De)
         done = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
         new_tokens = []
-        while len(new_tokens) < max_new_tokens:
+        for _ in range(max_new_tokens):
             kwargs = {self._cache_arg: cache} if cache is not None else {}
             step = dec[:, -1:] if cache is not None else dec  # (B, 1 or n, De)
             logits = self.model(encoder_outputs=encoded, attention_mask=enc_mask.long(), decoder_inputs_embeds=step,
                                 use_cache=cache is not None, return_dict=True, **kwargs).logits  # (B, *, W)
-            nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), pick(logits[:, -1].float()))  # (B,)
+            nxt, done = _next_token(logits, done, pick, pad, eos)  # (B,), (B,)
             new_tokens.append(nxt)
-            done = done | torch.isin(nxt, eos)
-            if bool(done.all()):
+            if bool(done.all()) or len(new_tokens) == max_new_tokens:
                 break
             dec = torch.cat([dec, self.embed(nxt[:, None]).to(dec.dtype)], dim=1)  # (B, n+1, De)
         if not new_tokens:
@@ -440,12 +451,9 @@ class Seq2SeqLM(_Adapter):
         return torch.stack(new_tokens, dim=1)  # (B, n)
 
     def _new_cache(self):
-        from transformers import DynamicCache, EncoderDecoderCache
+        from transformers import EncoderDecoderCache
 
-        try:
-            return EncoderDecoderCache(DynamicCache(config=self.model.config), DynamicCache(config=self.model.config))
-        except TypeError:  # transformers before the config argument
-            return EncoderDecoderCache(DynamicCache(), DynamicCache())
+        return EncoderDecoderCache(_dynamic_cache(self.model.config), _dynamic_cache(self.model.config))
 
 
 class LearnedTokens(nn.Module):
