@@ -200,6 +200,28 @@ def test_retrieval_metrics():
 # ------------------------------------------------------------------------------------------------ the run
 
 
+def test_stage1_knows_which_weights_came_from_bert():
+    """build_stage1 names the parameters the packaged MiniLM initialised (they train at `pretrained_lr_scale`): all
+    of the Q-Former but its cross-attention, queries and media norm; the weights are build_resampler's."""
+    from vlm.blip2_stage1 import build_stage1
+    from vlm.compose import model_config
+
+    cfg = model_config("model/resampler=minilm_qformer")
+    model, from_bert = build_stage1(cfg, 16, Stage1Config())
+    fresh = {n for n, _ in model.named_parameters() if n not in from_bert}
+    assert from_bert and all(n.startswith("qformer.") for n in from_bert)
+    def is_new(name: str) -> bool:  # what BLIP-2 adds to BERT
+        return ".cross_attn." in name or name.split(".")[1] in ("queries", "norm_media")
+
+    qformer = [n for n, _ in model.named_parameters() if n.startswith("qformer.")]
+    assert [n for n in qformer if n in fresh] == [n for n in qformer if is_new(n)]
+    assert fresh - set(qformer) == {n for n, _ in model.named_parameters() if not n.startswith("qformer.")}
+    assert "qformer.text.word.weight" in from_bert and "qformer.layers.0.self_attn.to_qkv.weight" in from_bert
+    reference = build_resampler(cfg.global_resampler, 16).state_dict()
+    for name in from_bert:
+        torch.testing.assert_close(model.state_dict()[name], reference[name.removeprefix("qformer.")])
+
+
 def test_stage1_run_saves_the_qformer_that_stage2_starts_from(tmp_path):
     """vlm.blip2_stage1 on caption shards of a tiny corpus (the tiny model's encoder, a small Q-Former with BERT's
     tokenizer): metrics, retrieval and a checkpoint whose Q-Former `init_from` loads into a stage-2 VLM, reporting the
