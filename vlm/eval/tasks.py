@@ -18,6 +18,7 @@ fails before a model is loaded, naming the first missing files.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,9 +124,39 @@ def read_easy_vqa(root: str | Path | None = None, split: str = "test") -> list[Q
     return _questions(off.entries(), Path(off.info["image_dir"]), lambda e: {"image_id": e.fields["image_id"]})
 
 
+def read_chat_shards(shards: str | Path | Sequence, limit: int | None = None) -> list[Question]:
+    """Training chats in our shard format (`vlm.data.format`) -> one Question per sample with one image: its first
+    user question and the assistant's answer to it (the image as encoded bytes). A demonstration pool for tasks
+    whose training split exists only as shards (the synthetic corpus). question_id "<shard key>"; samples that are
+    not one image and a first answered question are skipped. `limit`: stop after that many."""
+    from collections import Counter
+
+    from vlm.data.format import image_refs
+    from vlm.data.pipeline import check_shards, list_shards, read_tar
+    from vlm.prompts import content_text
+
+    paths = list_shards(str(shards) if isinstance(shards, Path) else shards)
+    check_shards(paths)
+    out, stats = [], Counter()
+    for path in paths:
+        for sample in read_tar(path, stats):
+            if limit is not None and len(out) >= limit:
+                return out
+            record = json.loads(sample["json"])
+            refs, messages = image_refs(record), record.get("messages", [])
+            if len(refs) != 1 or len(messages) < 2 or messages[0].get("role") != "user" or \
+                    messages[1].get("role") != "assistant":
+                continue
+            question = content_text(messages[0]["content"], image_token="").strip()
+            answer = content_text(messages[1]["content"], image_token="").strip()
+            if question and answer:
+                out.append(Question(sample["__key__"], question, sample[refs[0][0]], [answer]))
+    return out
+
+
 READERS: dict[str, Callable[..., list[Question]]] = {
     "vqav2": read_vqav2, "okvqa": read_okvqa, "textvqa": read_textvqa, "vizwiz": read_vizwiz,
-    "docvqa": read_docvqa, "chartqa": read_chartqa, "easy_vqa": read_easy_vqa,
+    "docvqa": read_docvqa, "chartqa": read_chartqa, "easy_vqa": read_easy_vqa, "chat_shards": read_chat_shards,
 }
 
 
@@ -154,7 +185,9 @@ class Task:
     null stays None, e.g. no annotations for test-dev); data_root null: every path is None, the reader finds its
     files itself (easy-VQA: the installed package's). args: its other arguments. prompt: a format string over
     {question}. metric: a `vlm.eval.metrics.METRICS` name. submission: "vqa" writes the official VQA results file
-    `[{"question_id", "answer"}]`. build_corpus: data_root is the synthetic corpus, built first if missing."""
+    `[{"question_id", "answer"}]`. build_corpus: data_root is the synthetic corpus, built first if missing.
+    demos: the training split few-shot demonstrations come from (`vlm.eval.fewshot`), {reader, paths, args} as the
+    task's own fields, paths under the same data_root; None: the task has no few-shot pool."""
 
     name: str
     reader: str | dict
@@ -168,6 +201,7 @@ class Task:
     detail: str = "auto"
     submission: str | None = None
     build_corpus: bool = False
+    demos: dict | None = None
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -193,6 +227,16 @@ class Task:
         root = self.data_root if data_root is None else data_root
         paths = {k: None if v is None or root is None else Path(root) / v for k, v in self.paths.items()}
         return get_reader(self.reader)(**paths, **self.args)
+
+    def read_demos(self, data_root: str | Path | None = None) -> list[Question]:
+        """The demonstration split's questions (`demos`), paths under `data_root` as `read`."""
+        if not self.demos:
+            raise ValueError(f"task {self.name} has no demonstration split for few-shot evaluation: add `demos: "
+                             f"{{reader, paths, args}}` (its training split) to configs/eval/{self.name}.yaml")
+        spec = dict(self.demos)
+        demo_task = Task(name=f"{self.name} demos", reader=spec.get("reader", self.reader),
+                         paths=spec.get("paths", {}), args=spec.get("args", {}), data_root=self.data_root)
+        return demo_task.read(data_root)
 
 
 def load_task(name_or_path: str | Path, **overrides) -> Task:
