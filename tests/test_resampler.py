@@ -259,3 +259,21 @@ def test_patch_mlp_connector_emits_every_patch_and_the_mean_as_class_token():
         m(torch.randn(2, 9, 40))
     with pytest.raises(ValueError, match="no queries to share"):
         m(media, latents=torch.randn(5, 24))
+
+
+def test_cross_init_std_sets_how_much_of_the_image_reaches_the_queries():
+    """The fresh cross-attention's value / output projections start at `cross_init_std` (the rest stays at BERT's
+    0.02), and with it the spread of the query outputs across different images."""
+    media = torch.randn(8, P, DV)  # (V, P, Dv): 8 different images
+    spread = {}
+    for std in (0.02, 0.2):
+        torch.manual_seed(0)
+        q = make("qformer", cross_init_std=std)
+        cross = q.layers[0].cross_attn
+        assert cross.to_v.weight.std().item() == pytest.approx(std, rel=0.1)
+        assert cross.dense.weight.std().item() == pytest.approx(std, rel=0.1)
+        assert cross.to_k.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        assert q.layers[0].self_attn.to_qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        with torch.no_grad():
+            spread[std] = q(media).std(dim=0).mean().item()  # (V, L, D) -> across images
+    assert spread[0.2] > 5 * spread[0.02]

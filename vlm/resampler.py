@@ -332,6 +332,10 @@ class QFormer(nn.Module):
             for i in range(cfg.depth)
         )
         self.apply(self._init_bert)
+        for layer in self.layers:  # the image's share of the query stream at init (ResamplerConfig.cross_init_std)
+            if layer.cross_attn is not None:
+                nn.init.normal_(layer.cross_attn.to_v.weight, std=cfg.cross_init_std)
+                nn.init.normal_(layer.cross_attn.dense.weight, std=cfg.cross_init_std)
 
     @staticmethod
     def _init_bert(module: nn.Module) -> None:
