@@ -12,8 +12,7 @@ training split, interleaved as earlier chat turns before the query, drawn at ran
   global view (detail low), averaged over its real patches. Features are computed once per distinct image (pool
   questions sharing an image share its row) and cached on disk with the pool's identity
   (`Rices.load_or_build`). The most similar demonstration comes last, next to the query (as open_flamingo orders
-  them). RICES does not depend on the trial: its trials differ only where generation is sampled (never here), so
-  its std is 0.
+  them). RICES does not depend on the trial (decoding is greedy), so it runs once, as k = 0 does.
 - Per (k, demos, trial) the answers and metrics are `vlm.eval.runner.evaluate`'s, in a subfolder; `fewshot.json` and
   the printed table hold the metric per k, mean and std over trials (population std, as open_flamingo's np.std).
 
@@ -186,7 +185,7 @@ def run_fewshot(evaluate_one: Callable[[int, str, int, Callable[[int], list[Ques
                 questions: list[Question], pool: list[Question], *, shots: Sequence[int], demos: str, trials: int,
                 seed: int, nearest: Callable[[int], list[list[Question]]] | None = None) -> dict:
     """Every (k, trial): `evaluate_one(k, demos, trial, demos_of)` with `demos_of(query index) -> k Questions`
-    (None for k = 0, run once: it does not depend on the trial). `nearest(k)`: for demos=rices, each query's k
+    (None for k = 0). k = 0 and RICES run once: neither depends on the trial. `nearest(k)`: for demos=rices, each query's k
     nearest pool questions, most similar last (called once, with the largest k). Returns {"shots": {k: {"mean",
     "std", "trials": [overall per trial], "per_type": {type: mean}}}, ...}."""
     if demos not in DEMO_MODES:
@@ -208,7 +207,7 @@ def run_fewshot(evaluate_one: Callable[[int, str, int, Callable[[int], list[Ques
     result = {"demos": demos, "trials": trials, "seed": seed, "pool": len(pool), "shots": {}}
     for k in ks:
         scores, per_type = [], {}
-        for trial in range(1 if k == 0 else trials):
+        for trial in range(1 if k == 0 or demos == "rices" else trials):
             if k == 0:
                 demos_of = None
             elif demos == "random":
