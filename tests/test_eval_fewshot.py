@@ -144,6 +144,9 @@ def test_fewshot_through_evaluate_config(tmp_path, xattn):
         rows = [json.loads(line) for line in
                 (out / f"2shot_{demos}_t{runs - 1}" / "predictions.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and all(len(r["demos"]) == 2 for r in rows)
+    with pytest.raises(ValueError, match="8 shots from a pool of 5 questions"):  # more shots than the train split
+        evaluate_config(OmegaConf.merge(cfg, {"shots": [0, 8]}), lambda: xattn[0], tmp_path / "too_many")
+    assert not (tmp_path / "too_many" / "0shot").exists()  # refused before any evaluation ran
     with pytest.raises(ValueError, match="no demonstration split"):
         Task(name="x", reader="vqav2").read_demos()
 

@@ -185,9 +185,9 @@ def run_fewshot(evaluate_one: Callable[[int, str, int, Callable[[int], list[Ques
                 questions: list[Question], pool: list[Question], *, shots: Sequence[int], demos: str, trials: int,
                 seed: int, nearest: Callable[[int], list[list[Question]]] | None = None) -> dict:
     """Every (k, trial): `evaluate_one(k, demos, trial, demos_of)` with `demos_of(query index) -> k Questions`
-    (None for k = 0). k = 0 and RICES run once: neither depends on the trial. `nearest(k)`: for demos=rices, each query's k
-    nearest pool questions, most similar last (called once, with the largest k). Returns {"shots": {k: {"mean",
-    "std", "trials": [overall per trial], "per_type": {type: mean}}}, ...}."""
+    (None for k = 0). k = 0 and RICES run once: neither depends on the trial. `nearest(k)`: for demos=rices, each
+    query's k nearest pool questions, most similar last (called once, with the largest k). Returns {"shots": {k:
+    {"mean", "std", "trials": [overall per trial], "per_type": {type: mean}}}, ...}."""
     if demos not in DEMO_MODES:
         raise ValueError(f"demos must be one of {DEMO_MODES}, got {demos!r}")
     if trials < 1:
@@ -196,7 +196,8 @@ def run_fewshot(evaluate_one: Callable[[int, str, int, Callable[[int], list[Ques
     if any(k < 0 for k in ks):
         raise ValueError(f"shots must be >= 0, got {ks}")
     if max(ks) > len(pool):
-        raise ValueError(f"{max(ks)} shots from a pool of {len(pool)} questions: raise demo_pool")
+        raise ValueError(f"{max(ks)} shots from a pool of {len(pool)} questions: lower shots, or raise "
+                         f"demo_pool if the demos split holds more")
     ranked = None
     if demos == "rices" and max(ks) > 0:
         if nearest is None:
