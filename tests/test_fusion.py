@@ -49,6 +49,37 @@ def test_nonzero_gates_change_logits():
     assert torch.equal(before[2], after[2])  # sample 2 has none: the FFW gate is still 0
 
 
+IDEFICS_BLOCK = ("++model.fusion.block=idefics", "++model.fusion.qk_norm=true", "++model.fusion.gate_shape=vector",
+                 "++model.fusion.ff_activation=silu", "++model.fusion.ff_hidden=40", "++model.fusion.norm_eps=1e-6")
+
+
+@pytest.mark.parametrize("passthrough", [True, False])
+def test_idefics_block_layout(passthrough):
+    """The IDEFICS layout (`fusion.block=idefics`, what `from_hf` builds for IdeficsForVisionText2Text; parity in
+    tests/test_hf_import.py) from a config: its parts, the frozen LLM at closed gates, and the two ways text before any
+    image is treated: IDEFICS's (attention zeroed, the gated MLP runs: passthrough false) or left untouched."""
+    model, proc = build(CLOSED_GATES, *IDEFICS_BLOCK, f"++model.fusion.text_only_passthrough={passthrough}")
+    block = model.fusion.blocks[0]
+    assert isinstance(block.norm, torch.nn.RMSNorm) and block.q_norm is not None
+    assert block.ff.gate_proj.out_features == 40
+    assert block.attn_gate.shape == (model.lm.hidden_size,)  # one gate per channel
+    model.eval()
+    batch = mixed_batch(proc, labels=False)
+    with torch.no_grad():
+        closed = model(batch).logits  # (B, T, W)
+        text = collate([proc.encode("plain text, no images")], pad_token_id=proc.tokenizer.pad_token_id)
+        assert torch.equal(model(text).logits, model.lm.model(input_ids=text["input_ids"]).logits)
+        for b in model.fusion.blocks:
+            b.attn_gate.data.normal_()
+            b.ff_gate.data.normal_()
+        opened = model(batch).logits  # (B, T, W)
+    assert not torch.equal(closed[0], opened[0])  # sample 0 has an image
+    assert torch.equal(closed[2], opened[2]) == passthrough  # sample 2 has none: only the MLP can reach it
+    model.train()
+    model(mixed_batch(proc)).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+
+
 @pytest.mark.parametrize("only_immediate", [True, False])
 def test_media_masking(only_immediate):
     """Cross-attention sees only the latest preceding image (or all preceding ones); text before any image

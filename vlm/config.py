@@ -151,6 +151,17 @@ class FusionConfig:
     # Routing keeps the 65 global tokens from being diluted among 6 x 129 tile tokens (README, "The embedded default").
     global_heads: int = 0
     tile_class_heads: int = 0
+    # xattn: the block's layout. "flamingo": LayerNorm before the attention, a GELU MLP (ff_mult x the LM's width)
+    # with its own LayerNorm. "idefics" (IDEFICS v1, what `vlm.hf_import` builds for IdeficsForVisionText2Text):
+    # RMSNorms (eps `norm_eps`) before the attention and before a gated MLP of `ff_hidden` (activation `ff_activation`,
+    # IDEFICS: silu), optional RMSNorms on the per-head queries and keys (`qk_norm`). Run it with
+    # text_only_passthrough=false to be IDEFICS: it zeroes the attention of tokens with no image, not the MLP.
+    block: Literal["flamingo", "idefics"] = "flamingo"
+    ff_hidden: int | None = None  # the MLP's width; None: ff_mult x the LM's hidden width
+    ff_activation: str = "gelu"
+    qk_norm: bool = False
+    norm_eps: float = 1e-5
+    gate_shape: Literal["scalar", "vector"] = "scalar"  # one tanh gate per block, or one per LM channel (IDEFICS)
     projector: Literal["linear", "mlp"] = "mlp"  # prefix: visual width -> LLM width
 
 

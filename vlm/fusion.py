@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vlm.config import FusionConfig
-from vlm.layers import FeedForward, attend, merge_heads, split_heads
+from vlm.layers import FeedForward, GatedFeedForward, attend, merge_heads, split_heads
 from vlm.lm import LayerFns
 
 
@@ -70,36 +70,45 @@ def token_kinds(is_tile: torch.Tensor, tokens_per_view: torch.Tensor) -> torch.T
 
 class GatedCrossAttentionBlock(nn.Module):
     """Flamingo's GATED XATTN-DENSE: y += tanh(a) * xattn(y, media); y += tanh(b) * ffw(y). Gates start at
-    `gate_init` (0 as in Flamingo unless configured)."""
+    `gate_init` (0 as in Flamingo unless configured). `cfg.block` picks the layout: Flamingo's (LayerNorm, GELU MLP)
+    or IDEFICS's (RMSNorms, gated MLP, optional q/k norms, per-channel gates), see `FusionConfig.block`."""
 
-    def __init__(self, *, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int, gate_init: float = 0.0,
-                 text_only_passthrough: bool = True):
+    def __init__(self, cfg: FusionConfig, *, dim: int, media_dim: int):
         super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
-        self.text_only_passthrough = text_only_passthrough
-        self.norm = nn.LayerNorm(dim)
+        inner = cfg.heads * cfg.dim_head
+        self.heads = cfg.heads
+        self.text_only_passthrough = cfg.text_only_passthrough
+        idefics = cfg.block == "idefics"
+        norm = (lambda d: nn.RMSNorm(d, eps=cfg.norm_eps)) if idefics else (lambda d: nn.LayerNorm(d, eps=cfg.norm_eps))
+        self.norm = norm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
+        self.q_norm, self.k_norm = (norm(cfg.dim_head), norm(cfg.dim_head)) if cfg.qk_norm else (None, None)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
-        self.ff = FeedForward(dim, mult=ff_mult, activation_name="gelu")
-        self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        gate = (dim,) if cfg.gate_shape == "vector" else (1,)
+        self.attn_gate = nn.Parameter(torch.full(gate, float(cfg.gate_init)))
+        hidden = cfg.ff_hidden or dim * cfg.ff_mult
+        self.ff = (GatedFeedForward(dim, hidden=hidden, activation_name=cfg.ff_activation, eps=cfg.norm_eps) if idefics
+                   else FeedForward(dim, hidden=hidden, activation_name=cfg.ff_activation))
+        self.ff_gate = nn.Parameter(torch.full(gate, float(cfg.gate_init)))
 
     def media_kv(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.to_kv(media).chunk(2, dim=-1)  # 2 x (B, K, H*d)
-        return split_heads(k, self.heads), split_heads(v, self.heads)  # 2 x (B, H, K, d)
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # 2 x (B, H, K, d)
+        return (self.k_norm(k) if self.k_norm is not None else k), v  # the cache holds the normed keys
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 has_media: torch.Tensor) -> torch.Tensor:
         q = split_heads(self.to_q(self.norm(x)), self.heads)  # (B, H, T, d)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         out = merge_heads(attend(q, kv[0].to(q.dtype), kv[1].to(q.dtype), mask))  # (B, T, H*d)
         out = self.to_out(out)  # (B, T, Dl)
-        if not self.text_only_passthrough:  # open_flamingo: only the attention is masked for text before any image
+        if not self.text_only_passthrough:  # open_flamingo / IDEFICS: only the attention is zeroed before any image
             out = out * has_media
         y = x + torch.tanh(self.attn_gate) * out
         y = y + torch.tanh(self.ff_gate) * self.ff(y)
-        # IDEFICS: text before the first image leaves the block exactly as it came (bit for bit, whatever the gates)
+        # text before the first image leaves the block exactly as it came (bit for bit, whatever the gates)
         return torch.where(has_media, y, x) if self.text_only_passthrough else y
 
 
@@ -173,12 +182,8 @@ class CrossAttentionFusion(nn.Module):
         self.layer_ids = [i for i in range(num_layers) if (i + 1) % cfg.every_n_layers == 0]
         if cfg.layers is not None:
             self.layer_ids = sorted({int(i) % num_layers for i in cfg.layers})  # negative: from the top
-        self.blocks = nn.ModuleList(
-            GatedCrossAttentionBlock(dim=lm_dim, media_dim=media_dim, heads=cfg.heads, dim_head=cfg.dim_head,
-                                     ff_mult=cfg.ff_mult, gate_init=cfg.gate_init,
-                                     text_only_passthrough=cfg.text_only_passthrough)
-            for _ in self.layer_ids
-        )
+        self.blocks = nn.ModuleList(GatedCrossAttentionBlock(cfg, dim=lm_dim, media_dim=media_dim)
+                                    for _ in self.layer_ids)
 
     @staticmethod
     def placeholders(visual_tokens):
@@ -220,10 +225,10 @@ class CrossAttentionFusion(nn.Module):
                                            self.cfg.only_immediate, kv, key_kind, head_sees)
 
     def metrics(self) -> dict[str, float]:
-        """tanh of each gate, by the decoder layer it precedes."""
+        """tanh of each gate (the mean over channels of a vector gate), by the decoder layer it precedes."""
         out = {}
         for kind in ("attn", "ff"):
-            out |= {f"gate/{kind}_{layer}": torch.tanh(getattr(b, f"{kind}_gate")).item()
+            out |= {f"gate/{kind}_{layer}": torch.tanh(getattr(b, f"{kind}_gate")).mean().item()
                     for layer, b in zip(self.layer_ids, self.blocks)}
         return out
 

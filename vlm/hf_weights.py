@@ -76,23 +76,26 @@ def idefics_perceiver_state_dict(hf_sd: Mapping[str, Tensor]) -> dict[str, Tenso
     return sd
 
 
-def perceiver_from_idefics(hf: nn.Module, activation: str = "relu") -> PerceiverResampler:
-    """Our `PerceiverResampler` with the weights of a transformers `IdeficsPerceiverResampler`.
-
-    Its `n_latents` latents become our queries (num_queries = n_latents - 1; row 0 plays the class token).
-    `activation` is the MLP's: IdeficsMLP hard-codes ReLU. Idefics has no media mask, so outputs agree for
-    mask=None (or an all-True mask)."""
+def idefics_perceiver_config(hf: nn.Module, activation: str = "relu") -> ResamplerConfig:
+    """The `ResamplerConfig` of a transformers `IdeficsPerceiverResampler`: its `n_latents` latents become our queries
+    (num_queries = n_latents - 1; row 0 plays the class token). `activation` is the MLP's: IdeficsMLP hard-codes
+    ReLU."""
     mlp = hf.blocks[0][1]
     if mlp.embed_dim != hf.embed_dim:
         raise ValueError(f"IdeficsMLP width (vision_config.embed_dim={mlp.embed_dim}) differs from the "
                          f"perceiver's embed_dim={hf.embed_dim}; build the IdeficsConfig with them equal")
-    cfg = ResamplerConfig(
+    return ResamplerConfig(
         kind="perceiver", num_queries=hf.n_latents - 1, dim=hf.embed_dim, depth=len(hf.blocks),
         heads=hf.n_heads, dim_head=hf.head_dim,
         ff_mult=_ff_mult(hf.intermediate_dim, hf.embed_dim, "Idefics"),
         activation=activation, qk_norm=bool(hf.qk_layer_norms),
     )
-    ours = PerceiverResampler(cfg, media_dim=hf.embed_dim)
+
+
+def perceiver_from_idefics(hf: nn.Module, activation: str = "relu") -> PerceiverResampler:
+    """Our `PerceiverResampler` with the weights of a transformers `IdeficsPerceiverResampler`
+    (`idefics_perceiver_config`). Idefics has no media mask, so outputs agree for mask=None (or an all-True mask)."""
+    ours = PerceiverResampler(idefics_perceiver_config(hf, activation), media_dim=hf.embed_dim)
     return _load(ours, idefics_perceiver_state_dict(hf.state_dict()), hf.latents)
 
 

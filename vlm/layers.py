@@ -42,6 +42,22 @@ class FeedForward(nn.Sequential):
         )
 
 
+class GatedFeedForward(nn.Module):
+    """Pre-norm gated MLP, LLaMA / IDEFICS style: RMSNorm -> down(act(gate(x)) * up(x)) (SwiGLU with act = silu)."""
+
+    def __init__(self, dim: int, *, hidden: int, activation_name: str = "silu", eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=eps)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.act = activation(activation_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)  # (B, M, D)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (B, M, hidden) -> (B, M, D)
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return rearrange(x, "b t (h d) -> b h t d", h=heads)  # (B, M, H*d) -> (B, H, M, d)
 
