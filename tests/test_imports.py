@@ -17,7 +17,7 @@ PARTS = {"vlm.tiling", "vlm.images", "vlm.layers", "vlm.pretrained", "vlm.tokeni
          "vlm.feature_cache", "vlm.blip2"}
 MODEL = {"vlm.model", "vlm.hf_import"}
 GLUE = {"vlm.checkpoint", "vlm.throughput", "vlm.lit", "vlm.training", "vlm.callbacks", "vlm.vision_pretrain",
-        "vlm.blip2_stage1",
+        "vlm.blip2_stage1", "vlm.explain",
         "vlm.compose", "vlm.report", "vlm.cli", "vlm.eval", "vlm.serve"}
 LIGHTNING = ("lightning", "pytorch_lightning")
 # (where, what it must never import, why)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vlm.config import FusionConfig
-from vlm.layers import FeedForward, GatedFeedForward, attend, merge_heads, split_heads
+from vlm.layers import FeedForward, GatedFeedForward, attend, attention_probs, merge_heads, split_heads
 from vlm.lm import LayerFns
 
 
@@ -97,11 +97,19 @@ class GatedCrossAttentionBlock(nn.Module):
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # 2 x (B, H, K, d)
         return (self.k_norm(k) if self.k_norm is not None else k), v  # the cache holds the normed keys
 
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        q = split_heads(self.to_q(self.norm(x)), self.heads)  # (B, T, Dl) -> (B, H, T, d)
+        return self.q_norm(q) if self.q_norm is not None else q
+
+    def attention_probs(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                        has_media: torch.Tensor) -> torch.Tensor:
+        """forward's arguments -> its attention over the media keys (B, H, T, K); 0 on text with no image yet."""
+        q = self.queries(x)  # (B, H, T, d)
+        return attention_probs(q, kv[0].to(q.dtype), mask) * has_media[:, None]  # (B, H, T, K)
+
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 has_media: torch.Tensor) -> torch.Tensor:
-        q = split_heads(self.to_q(self.norm(x)), self.heads)  # (B, H, T, d)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
+        q = self.queries(x)  # (B, H, T, d)
         out = merge_heads(attend(q, kv[0].to(q.dtype), kv[1].to(q.dtype), mask))  # (B, T, H*d)
         out = self.to_out(out)  # (B, T, Dl)
         if not self.text_only_passthrough:  # open_flamingo / IDEFICS: only the attention is zeroed before any image

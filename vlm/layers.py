@@ -73,6 +73,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, M, d)
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention probabilities `attend` uses, (B, H, M, R), materialised (for looking inside: `vlm.explain`)."""
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, M, R)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1)  # (B, H, M, R)
+
+
 def find_layer_stack(model: nn.Module, n: int) -> nn.ModuleList:
     """A model's stack of `n` blocks, found by shape (the largest ModuleList of length n), not by matching
     class or attribute names, so any transformers decoder or vision tower works."""

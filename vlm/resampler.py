@@ -26,7 +26,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from vlm.config import QFormerTextConfig, ResamplerConfig
-from vlm.layers import FeedForward, activation, attend, merge_heads, split_heads
+from vlm.layers import FeedForward, activation, attend, attention_probs, merge_heads, split_heads
 
 QFORMER_DEFAULT_DIM = 768  # BERT-base width, as BLIP-2's Q-Former
 PERCEIVER_LN_EPS = 1e-5  # torch's default, as Flamingo / Idefics
@@ -125,13 +125,19 @@ class PerceiverLayer(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.ff = FeedForward(dim, mult=ff_mult, activation_name=activation_name, bias=False)
 
-    def forward(self, media_hat: Tensor, latents: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        x = self.norm_latents(latents)
+    def _qk(self, media_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         q = split_heads(self.to_q(x), self.heads)  # (V, L, D) -> (V, H, L, d)
         k = split_heads(self._media_and_latents(self.to_k, media_hat, x), self.heads)  # (V, H, P+L, d)
+        return (self.q_norm(q), self.k_norm(k)) if self.q_norm is not None else (q, k)
+
+    def attention_probs(self, media_hat: Tensor, latents: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """forward's arguments -> the latents' attention over [media; latents] (V, H, L, P+L) (`vlm.explain`)."""
+        return attention_probs(*self._qk(media_hat, self.norm_latents(latents)), key_mask)
+
+    def forward(self, media_hat: Tensor, latents: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        x = self.norm_latents(latents)
+        q, k = self._qk(media_hat, x)  # (V, H, L, d), (V, H, P+L, d)
         v = split_heads(self._media_and_latents(self.to_v, media_hat, x), self.heads)  # (V, H, P+L, d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         out = attend(q, k, v, key_mask, dropout_p=self.dropout if self.training else 0.0)  # (V, H, L, d)
         latents = latents + self.to_out(merge_heads(out))  # (V, H, L, d) -> (V, L, D)
         return latents + self.ff(latents)
@@ -203,6 +209,11 @@ class QFormerAttention(nn.Module):
         self.dense = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def attention_probs(self, x: Tensor, context: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """A cross-attention's forward arguments -> the queries' attention over the media (V, H, L, P)."""
+        q = split_heads(self.to_q(x), self.heads)  # (V, L, D) -> (V, H, L, d)
+        return attention_probs(q, split_heads(self.to_k(context), self.heads), key_mask)  # (V, H, L, P)
 
     def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
         if self.is_cross:

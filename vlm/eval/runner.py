@@ -218,6 +218,25 @@ def evaluate_fewshot(model, processor: Processor, questions: list[Question], poo
     return result
 
 
+def write_attention_maps(model, questions: list[Question], task: Task, out_dir: str | Path) -> list[Path]:
+    """`vlm.explain`'s map of each question's scored prediction (predictions.jsonl), as attention/<question_id>.png."""
+    from vlm.explain import explain, render
+
+    out = Path(out_dir)
+    predicted = {}
+    with open(out / "predictions.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            predicted[str(row["question_id"])] = row["prediction"]
+    paths = []
+    for q in questions:
+        ex = explain(model, load_image(q.image), build_messages(q, task), detail=task.detail,
+                     answer=predicted[str(q.question_id)])
+        paths.append(render(ex, out / "attention" / f"{q.question_id}.png", model.cfg.tiling.tile_size))
+        print(f"{paths[-1]}: {ex.summary()}")
+    return paths
+
+
 def evaluate_config(cfg, load_model: Callable[[], torch.nn.Module], out_dir: str | Path,
                     info: dict | None = None) -> dict:
     """`python eval.py` (and train.py's eval_after) for an eval config node with the keys of configs/eval.yaml:
@@ -240,7 +259,10 @@ def evaluate_config(cfg, load_model: Callable[[], torch.nn.Module], out_dir: str
     common = dict(task=task, batch_size=cfg.batch_size, limit=cfg.limit, out_dir=out_dir, num_workers=cfg.num_workers,
                   max_new_tokens=cfg.max_new_tokens, info=info)
     if shots is None:
-        return evaluate(model, processor, questions, **common)
+        metrics = evaluate(model, processor, questions, **common)
+        if cfg.get("explain") and rank_world(env=False)[0] == 0:
+            write_attention_maps(model, questions[:cfg.explain], task, out_dir)
+        return metrics
     rices_cache = cfg.get("rices_cache")
     return evaluate_fewshot(model, processor, questions, pool, shots=shots, demos=cfg.demos, trials=cfg.trials,
                             seed=cfg.get("seed", 0), rices_cache=None if rices_cache is None
