@@ -391,3 +391,27 @@ def test_bad_mixtures_are_refused(tmp_path):
     stream = ShardStream(mixture([{"name": "a", "train": a}]), _processor(), epochs=None, rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"fewer shards than the 2 readers .*a \(1\)"):
         next(iter(stream))  # 2 ranks, 1 shard: rank 1 would never draw from it
+
+
+def test_video_samples_round_trip_and_bad_ones_are_skipped(tmp_path):
+    """A video content part (its frames as members) -> one media item of one low view per frame, numbered 1..F;
+    a missing frame, an undecodable one and too many frames skip the sample and are counted."""
+    frame = lambda i: encode_image(Image.new("RGB", (24, 16), (40 * i, 0, 0)), "PNG")
+    video = lambda n: {"messages": [{"role": "user", "content": [
+        {"type": "video", "video": {"frames": [f"{i}.png" for i in range(n)]}},
+        {"type": "text", "text": "Which came first?"}]}, {"role": "assistant", "content": "red"}]}
+    limit = _processor().cfg.video.max_frames
+    with ShardSink(tmp_path, "v", max_count=100) as sink:
+        sink.write("corrupt", video(2), {"0.png": frame(0), "1.png": frame(1)[:30]})
+        sink.write("long", video(limit + 1), {f"{i}.png": frame(i) for i in range(limit + 1)})
+        sink.write("good", video(3), {f"{i}.png": frame(i) for i in range(3)})  # last: skip counts travel with it
+        with pytest.raises(ValueError, match="missing images"):
+            sink.write("missing", video(2), {"0.png": frame(0)})
+    stream = ShardStream(tmp_path, _processor(), epochs=1, shuffle_shards=False, shuffle_buffer=0)
+    counter, batches = SkipCounter(), list(_loader(stream, batch_size=1))
+    for b in batches:
+        counter.update(b)
+    (batch,) = batches
+    assert batch["keys"] == ["good"] and batch["views_per_image"].tolist() == [3]
+    assert batch["view_positions"].frame.tolist() == [1, 2, 3] and batch["pixel_values"].shape[0] == 3
+    assert counter.total.get("bad_image") == 1 and counter.total.get("bad_record") == 1

@@ -53,3 +53,20 @@ def test_to_device_moves_tensors_and_view_positions():
     assert moved["keys"] == ["a", "b", "c"] and isinstance(moved["view_positions"], ViewPositions)
     assert batch["view_positions"].row.device.type == "cpu"
     assert torch.equal(to_device(batch, "cpu")["view_positions"].cols, batch["view_positions"].cols)
+
+
+def test_a_video_is_one_media_item_of_one_low_view_per_frame():
+    from vlm.images import ImageError, Video
+
+    frames = [photo(300 + 10 * i, 200) for i in range(3)]
+    for fusion, placeholders in (("tiny_xattn", 1), ("prefix", 3 * 65)):
+        model, proc = build(f"model/fusion={fusion}")
+        s = proc.encode("First? <image> Answer:", [Video(frames)], ["high"])  # frames are low whatever is asked
+        pos = s["view_positions"]
+        assert s["views_per_image"].tolist() == [3] and pos.frame.tolist() == [1, 2, 3] and not pos.is_tile.any()
+        assert int((s["input_ids"] == proc.image_token_id).sum()) == placeholders
+        assert token_budget(model.cfg).image(s["plans"][0]) == 3 * 65
+    with pytest.raises(ValueError, match="max_frames"):
+        proc.encode("<image>", [Video(frames * 3)])
+    with pytest.raises(ImageError, match="at least one frame"):
+        Video([])

@@ -26,7 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from vlm.prompts import generation_prompt  # noqa: E402
 from vlm.serve.app import ServeConfig, create_app, load_model  # noqa: E402
-from vlm.tiling import plan_tiles, visual_tokens  # noqa: E402
+from vlm.tiling import plan_tiles, token_budget, visual_tokens  # noqa: E402
 
 TIMEOUT = 60
 REPO = Path(__file__).resolve().parents[1]
@@ -565,3 +565,24 @@ def test_served_t5_checkpoint_answers_as_eval_scores_it(tmp_path):
     model = load_model(ServeConfig(checkpoint=str(run / "checkpoint.pt")))
     assert model.lm.kind == "seq2seq"
     assert_served_as_evaluated(model, tmp_path, predicted)
+
+
+def video_msg(frames: list[str], text: str = "Which came first?") -> list[dict]:
+    """Our request extension: a group of frames that is one video."""
+    return [{"role": "user", "content": [{"type": "video", "video": {"frames": frames}},
+                                         {"type": "text", "text": text}]}]
+
+
+def test_video_request(client, model, served):
+    """A video part: its frames fetched, one media item of one low-detail view per frame (usage counts 65 each);
+    too many frames, none, or an animated GIF as a frame: a 4xx in OpenAI's shape, and the server keeps answering."""
+    frames = [data_url(encode(picture(64, 48, (40 * i, 90, 200)), "PNG")) for i in range(3)]
+    msgs = video_msg([frames[0], served.img + "/cat.png", frames[2]])
+    r = chat(client, msgs, temperature=0, max_tokens=2)
+    assert r.usage.prompt_tokens == expected_prompt_tokens(model, msgs, []) + 3 * token_budget(model.cfg).global_view
+    limit = model.cfg.video.max_frames
+    err = refused(client, video_msg(frames[:1] * (limit + 1)), 400, "too_many_frames")
+    assert err["param"] == "messages.0.content.0.video.frames" and str(limit) in err["message"]
+    refused(client, video_msg([]), 422, "validation_error")
+    refused(client, video_msg([frames[0], data_url(animated_gif(), "image/gif")]), 415, "unsupported_image_format")
+    assert chat(client, [{"role": "user", "content": "still there?"}], max_tokens=1).choices

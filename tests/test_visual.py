@@ -4,8 +4,9 @@ and the shared-body variant keeps the tile budget's own queries."""
 from __future__ import annotations
 
 import torch
-from _tiny import build, mixed_batch
+from _tiny import build, mixed_batch, open_gates, photo
 
+from vlm.processor import collate
 from vlm.tiling import ViewPositions
 
 
@@ -54,3 +55,25 @@ def test_view_position_embeddings_switch():
     assert torch.equal(out[0], emb.view_type.weight[0].expand(5, -1))  # global: type only
     # the rightmost tile of either grid shares the "distance to the last column" embedding (0), not the column
     torch.testing.assert_close(out[1] - out[3], (emb.grid[1].weight[1] - emb.grid[1].weight[2]).expand(5, -1))
+
+
+def test_temporal_embeddings_give_the_frames_an_order():
+    """Without temporal embeddings the cross-attention sees a video's frames as a set: reversing them leaves the
+    logits as they were (`no_temporal`); with them the order shows. Still images get no temporal embedding."""
+    from vlm.images import Video
+
+    frames = [photo(300 + 10 * i, 200) for i in range(4)]
+    for temporal in (False, True):
+        model, proc = build(f"++model.video.temporal_embeddings={temporal}")
+        open_gates(model, 1.0)
+        model.eval()
+        samples = [proc.encode("First? <image> Answer:", [Video(f)]) for f in (frames, frames[::-1])]
+        with torch.no_grad():
+            logits = model(collate(samples, pad_token_id=proc.tokenizer.pad_token_id)).logits  # (2, T, W)
+        assert torch.allclose(logits[0], logits[1], atol=1e-5) != temporal
+        assert (model.visual.view_embedding.time is not None) == temporal
+    still = collate([proc.encode("<image> What?", [photo(300, 200)])], pad_token_id=proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        before = model(still).logits
+        model.visual.view_embedding.time.weight.normal_(std=10.0)
+        assert torch.equal(before, model(still).logits)

@@ -196,6 +196,19 @@ class LMConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Videos (Flamingo; GPT-4V's guidance: send sampled frames as images): an ordered list of frames, each frame one
+    low-detail global view resampled on its own by the global resampler, so a video of F frames costs F x the global
+    view's tokens (65); the text holds one `<image>` marker per video (xattn: its tokens are one media item, every
+    frame's) or all of them (prefix). `vlm.images.Video` carries the frames; `ViewPositions.frame` numbers them 1..F."""
+
+    max_frames: int = 8  # a video with more frames is refused (sample it first: `vlm.images.sample_frames`)
+    # a learned embedding per frame index added to every token of that frame (Flamingo's temporal embeddings).
+    # Without it the cross-attention sees a video's frames as a set: their order is lost (`no_temporal` ablation).
+    temporal_embeddings: bool = False
+
+
+@dataclass
 class FreezeConfig:
     vision: bool = True
     llm: bool = True
@@ -218,6 +231,7 @@ class VLMConfig:
     view_embedding_std: float = 0.02  # init std of those embeddings (the visual tokens' own scale is ~1)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

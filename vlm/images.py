@@ -168,3 +168,28 @@ def load_image(source: bytes | str | os.PathLike | Image.Image, *,
     out = rgb.copy() if rgb is source else rgb  # never hand back (or mutate) the caller's own image
     out.info = {}  # pixels only: no EXIF, ICC profile or comments travel on
     return out
+
+
+class Video:
+    """A video as its frames, in order: RGB images (each through `load_image`). Frames are what GPT-4V's guidance
+    sends for video, and what the model sees (`vlm.tiling.tile_video`); a video file is decoded and sampled into
+    frames before it gets here (`sample_frames`)."""
+
+    def __init__(self, frames):
+        self.frames = [f if isinstance(f, Image.Image) and f.mode == "RGB" else load_image(f) for f in frames]
+        if not self.frames:
+            raise ImageError("a video needs at least one frame, got none", UNDECODABLE)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __repr__(self) -> str:
+        return f"Video({len(self.frames)} frames, {self.frames[0].width}x{self.frames[0].height})"
+
+
+def sample_frames(n_total: int, frames: int) -> list[int]:
+    """Uniform sampling: the indices of `frames` frames spread evenly over `n_total` (each segment's middle frame,
+    as Flamingo / torchvision's uniform clip samplers), all of them when there are no more than `frames`."""
+    if n_total <= frames:
+        return list(range(n_total))
+    return [int((i + 0.5) * n_total / frames) for i in range(frames)]

@@ -12,7 +12,8 @@ from PIL import Image
 
 from vlm.config import VLMConfig
 from vlm.fusion import fusion_class
-from vlm.tiling import ViewPositions, tile_image, token_budget
+from vlm.images import Video
+from vlm.tiling import TiledImage, ViewPositions, tile_image, tile_video, token_budget
 from vlm.tokenizer import IGNORE_INDEX
 
 
@@ -40,17 +41,27 @@ class Processor:
         del sample["labels"]
         return sample
 
+    def _tile(self, media: Image.Image | Video, detail: str, plan) -> TiledImage:
+        """An image's views at its detail, or a video's (one low-detail view per frame, `VideoConfig`)."""
+        if not isinstance(media, Video):
+            return tile_image(media, detail, self.cfg.tiling, plan=plan)
+        limit = self.cfg.video.max_frames
+        if len(media) > limit:
+            raise ValueError(f"a video of {len(media)} frames; this model takes at most {limit} "
+                             f"(model.video.max_frames): sample fewer frames")
+        return tile_video(media.frames, self.cfg.tiling)
+
     def encode_pieces(self, pieces: list[tuple[str, bool]], images: list[Image.Image] = (),
                       details: list[str] | None = None, *, add_bos: bool = True, plans=None) -> dict:
-        """Text pieces, each (text, supervised), with `<image>` markers taking the images in order. Returns
-        input_ids (T,), labels (T,) (-100 on unsupervised text and on every image token), and the views."""
+        """Text pieces, each (text, supervised), with `<image>` markers taking the images (or `Video`s) in order.
+        Returns input_ids (T,), labels (T,) (-100 on unsupervised text and on every image token), and the views."""
         n_markers = sum(text.count(self.image_token) for text, _ in pieces)
         if n_markers != len(images):
             raise ValueError(f"text has {n_markers} {self.image_token} marker(s) but {len(images)} image(s) "
                              f"were given")
         details = [self.detail_for(d) for d in (details or ["auto"] * len(images))]
         plans = plans or [None] * len(images)  # plans of the original sizes, for images decoded in draft mode
-        tiled = [tile_image(img, d, self.cfg.tiling, plan=p) for img, d, p in zip(images, details, plans)]
+        tiled = [self._tile(m, d, p) for m, d, p in zip(images, details, plans)]
         ids, labels = [], []
         if add_bos and self.tokenizer.bos_token_id is not None:
             ids, labels = [self.tokenizer.bos_token_id], [IGNORE_INDEX]

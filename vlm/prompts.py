@@ -17,7 +17,7 @@ Pieces = list[tuple[str, bool]]
 
 
 def content_text(content, image_token: str) -> str:
-    """OpenAI message content (str or list of text / image_url parts) -> text with image markers."""
+    """OpenAI message content (str or list of text / image_url / video parts) -> text with image markers."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -27,7 +27,7 @@ def content_text(content, image_token: str) -> str:
         kind = part.get("type")
         if kind == "text":
             out.append(part["text"])
-        elif kind == "image_url":
+        elif kind in ("image_url", "video"):  # a video is one media item: one marker
             out.append(image_token)
         else:
             raise ValueError(f"unsupported content part type {kind!r}")

@@ -56,6 +56,21 @@ class TilePlan:
         return 1 + self.num_tiles
 
 
+@dataclass(frozen=True)
+class ClipPlan:
+    """Where a video's pixels go: each of its `frames` frames is one low-detail global view (`frame`: the first
+    frame's plan; frames of one video share a size)."""
+
+    frames: int
+    frame: TilePlan
+    detail: str = "low"
+    num_tiles: int = 0
+
+    @property
+    def num_views(self) -> int:
+        return self.frames
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -108,9 +123,9 @@ class TokenBudget:
     global_view: int  # tokens of a global view (the whole of detail="low")
     tile: int  # tokens of each high-res tile
 
-    def image(self, plan: TilePlan) -> int:
-        """The visual tokens of one image: its global view plus its tiles."""
-        return self.global_view + plan.num_tiles * self.tile
+    def image(self, plan: TilePlan | ClipPlan) -> int:
+        """The visual tokens of one image (its global view plus its tiles) or one video (a global view per frame)."""
+        return self.global_view * (plan.num_views - plan.num_tiles) + plan.num_tiles * self.tile
 
     def views(self, is_tile: torch.Tensor) -> torch.Tensor:
         """(V,) bool -> (V,) tokens of each view."""
@@ -132,7 +147,7 @@ def visual_tokens(plan: TilePlan, cfg: VLMConfig | None = None) -> int:
 class ViewPositions:
     """Where each of V views sits, one (V,) long tensor per field. The global view is (is_tile 0, row 0, col 0,
     rows 1, cols 1); a tile knows its row and column and the grid's size. `frame`: the index of the video frame the
-    view belongs to (0 for still images)."""
+    view is, 1..F (0 for still images)."""
 
     is_tile: torch.Tensor
     row: torch.Tensor
@@ -247,6 +262,16 @@ def tile_image(image: Image.Image, detail: str = "high", cfg: TilingConfig | Non
     pixels = torch.cat([view[None], tiles])  # (V, C, S, S)
     mask = torch.cat([view_mask[None], tile_mask])  # (V, S, S)
     return TiledImage(pixels, mask, positions, plan)
+
+
+def tile_video(frames: Sequence[Image.Image], cfg: TilingConfig | None = None) -> TiledImage:
+    """A video's frames, in order -> one low-detail global view per frame, numbered 1..F (`ViewPositions.frame`)."""
+    cfg = cfg or TilingConfig()
+    views = [tile_image(f, "low", cfg) for f in frames]
+    positions = ViewPositions.cat([v.positions for v in views])  # F views
+    positions.frame = torch.arange(1, len(views) + 1)  # (F,)
+    return TiledImage(torch.cat([v.pixels for v in views]), torch.cat([v.mask for v in views]), positions,
+                      ClipPlan(len(views), views[0].plan))  # (F, C, S, S), (F, S, S)
 
 
 def draft_size(plan: TilePlan, cfg: TilingConfig | None = None) -> tuple[int, int]:

@@ -21,17 +21,19 @@ from vlm.tiling import ViewPositions, token_budget
 
 class ViewEmbedding(nn.Module):
     """Where a view sits: learned embeddings of its tile row and column counted from both ends of the grid, plus a
-    global-vs-tile embedding, added to every token of the view."""
+    global-vs-tile embedding, plus (videos, `VideoConfig.temporal_embeddings`) its frame's index, added to every token
+    of the view."""
 
     # vs UReader (row, col only): counting from the far edge too makes "rightmost" / "bottom" one embedding whatever
     # the grid's size (2 to 8 columns).
 
     def __init__(self, dim: int, max_grid: int, *, tile_positions: bool = True, view_type: bool = True,
-                 std: float = 0.02):
+                 std: float = 0.02, frames: int = 0):
         super().__init__()
         self.grid = nn.ModuleList(nn.Embedding(max_grid, dim) for _ in range(4)) if tile_positions else None
         self.view_type = nn.Embedding(2, dim) if view_type else None
-        for emb in [*(self.grid or []), self.view_type]:
+        self.time = nn.Embedding(frames, dim) if frames else None  # a video frame's index (temporal embedding)
+        for emb in [*(self.grid or []), self.view_type, self.time]:
             if emb is not None:
                 nn.init.normal_(emb.weight, std=std)
 
@@ -45,6 +47,9 @@ class ViewEmbedding(nn.Module):
             is_tile = p.is_tile[:, None].to(tokens.dtype)  # (V, 1): the global view gets no grid position
             for emb_k, index in zip(self.grid, (p.row, p.col, p.rows - 1 - p.row, p.cols - 1 - p.col)):
                 emb = emb + is_tile * emb_k(index.clamp(min=0))  # (V, D)
+        if self.time is not None:
+            in_video = (positions.frame > 0)[:, None].to(tokens.dtype)  # (V, 1): still images get none
+            emb = emb + in_video * self.time((positions.frame - 1).clamp(min=0))  # (V, D)
         return tokens + emb[:, None]  # (V, L, D)
 
 
@@ -68,7 +73,8 @@ class VisualTokens(nn.Module):
         self.out_dim = self.global_resampler.out_dim
         self.view_embedding = ViewEmbedding(self.out_dim, cfg.tiling.max_grid,
                                             tile_positions=cfg.tile_position_embeddings,
-                                            view_type=cfg.view_type_embedding, std=cfg.view_embedding_std)
+                                            view_type=cfg.view_type_embedding, std=cfg.view_embedding_std,
+                                            frames=cfg.video.max_frames if cfg.video.temporal_embeddings else 0)
 
     def resamplers(self) -> list[nn.Module]:
         return [m for m in (self.global_resampler, self.tile_resampler) if m is not None]

@@ -2,7 +2,8 @@
 
 A sample is a group of tar members sharing a key:
     <key>.json          the record (below), UTF-8 JSON
-    <key>.<i>.<ext>     image i of the sample, ext in jpg / png / webp (raw file bytes, never re-encoded)
+    <key>.<i>.<ext>     image i of the sample, ext in jpg / png / webp (raw file bytes, never re-encoded); the
+                        frames of a video are images too
 
 The record is either a conversation in the OpenAI chat shape:
     {"messages": [
@@ -17,7 +18,10 @@ or an interleaved document (MMC4 style), every `<image>` marker standing for the
      "images": ["0.jpg", "1.png"], "details": ["auto", "low"], "meta": {...}}
 
 `url` / `images` entries name the sample's own members by their suffix ("0.jpg"). `detail` is low / high /
-auto (default auto). Only assistant turns are supervised in conversations; documents supervise all text.
+auto (default auto). A video is a content part of its own, its frames in order (each a low-detail view, `VideoConfig`):
+        {"type": "video", "video": {"frames": ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]}}
+and, in a document, a list of suffixes in `images`. Only assistant turns are supervised in conversations; documents
+supervise all text.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from pathlib import Path
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-def image_refs(record: dict) -> list[tuple[str, str]]:
-    """(member suffix, detail) of every image the record uses, in order of appearance."""
+def image_refs(record: dict) -> list[tuple[str | tuple[str, ...], str]]:
+    """(member suffix, detail) of every image the record uses, in order of appearance; a video's entry holds its
+    frames' suffixes as a tuple (detail "low")."""
     if "messages" in record:
         refs = []
         for message in record["messages"]:
@@ -41,11 +46,19 @@ def image_refs(record: dict) -> list[tuple[str, str]]:
                         url = part["image_url"]
                         url = url if isinstance(url, dict) else {"url": url}
                         refs.append((url["url"], url.get("detail", "auto")))
+                    elif part.get("type") == "video":
+                        refs.append((tuple(part["video"]["frames"]), "low"))
         return refs
     if "text" in record:
-        details = record.get("details") or ["auto"] * len(record.get("images", []))
-        return list(zip(record.get("images", []), details))
+        images = [tuple(m) if isinstance(m, list) else m for m in record.get("images", [])]
+        details = record.get("details") or ["auto"] * len(images)
+        return list(zip(images, details))
     raise KeyError("record has neither 'messages' nor 'text'")
+
+
+def members(ref: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The member suffixes an `image_refs` entry names: one image's, or a video's frames'."""
+    return (ref,) if isinstance(ref, str) else ref
 
 
 class ShardSink:
@@ -67,7 +80,7 @@ class ShardSink:
     def write(self, key: str, record: dict, images: dict[str, bytes]) -> None:
         if "." in key:
             raise ValueError(f"sample key {key!r} must not contain '.' (WebDataset splits members on it)")
-        missing = [ref for ref, _ in image_refs(record) if ref not in images]
+        missing = [m for ref, _ in image_refs(record) for m in members(ref) if m not in images]
         if missing:
             raise ValueError(f"sample {key}: record refers to missing images {missing}")
         sample = {"__key__": key, "json": json.dumps(record, ensure_ascii=False).encode()}

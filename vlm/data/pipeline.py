@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from vlm.data.format import image_refs
-from vlm.images import UNSUPPORTED, ImageError, load_image
+from vlm.images import UNSUPPORTED, ImageError, Video, load_image
 from vlm.parallel import rank_world
 from vlm.processor import Processor, collate
 from vlm.prompts import chat_pieces, document_pieces
@@ -321,6 +321,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             log.warning("skipped %s (%s); skipped so far in this worker: %s", e, e.reason, dict(self._stats))
             return None
 
+    @staticmethod
+    def _video(raw: dict, key: str, frames: tuple[str, ...]) -> Video:
+        missing = [f for f in frames if f not in raw]
+        if missing:
+            raise SampleError("missing_key", f"sample {key} refers to missing video frames {missing}")
+        try:
+            return Video([load_image(raw[f]) for f in frames])
+        except ImageError as e:
+            reason = "unsupported_format" if e.reason == UNSUPPORTED else "bad_image"
+            raise SampleError(reason, f"sample {key} video {list(frames)}: {e}") from e
+
     def _decode(self, raw: dict) -> dict:
         key = raw.get("__key__", "?")
         if "json" not in raw:
@@ -333,6 +344,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         images, details, plans = [], [], []
         tiling = self.processor.cfg.tiling
         for ref, detail in refs:
+            if isinstance(ref, tuple):  # a video: its frames, decoded in full
+                images.append(self._video(raw, key, ref))
+                plans.append(None)
+                details.append(detail)
+                continue
             if ref not in raw:
                 raise SampleError("missing_key", f"sample {key} refers to missing image {ref!r}")
             try:

@@ -20,10 +20,11 @@ import uuid
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import State
 
+from vlm.images import Video
 from vlm.prompts import generation_prompt
 from vlm.serve.batcher import Job
 from vlm.serve.fetch import FetchError, ImageFetcher
-from vlm.serve.schema import APIError, ChatRequest, TextPart
+from vlm.serve.schema import APIError, ChatRequest, TextPart, VideoPart
 
 
 def check_request(state: State, req: ChatRequest) -> tuple[int, list[str]]:
@@ -45,10 +46,12 @@ def check_request(state: State, req: ChatRequest) -> tuple[int, list[str]]:
 
 
 async def load_images(state: State, req: ChatRequest):
-    """(images, details) in order of appearance; each distinct URL fetched once. GPT-4V's rules: images in user
-    messages only (not the first system message), at most `max_images`, no image marker in the text."""
+    """(images, details) in order of appearance, a video part as one `Video` of its frames; each distinct URL fetched
+    once. GPT-4V's rules: images in user messages only (not the first system message), at most `max_images` (a video's
+    frames count), no image marker in the text; a video has at most the model's `video.max_frames` frames."""
     marker = state.processor.image_token
     refs = []  # (url, detail, param)
+    videos = []  # (index of its first frame in refs, frames)
     first_system = next((i for i, m in enumerate(req.messages) if m.role in ("system", "developer")), None)
     for i, m in enumerate(req.messages):
         if isinstance(m.content, str) and marker in m.content:
@@ -63,6 +66,16 @@ async def load_images(state: State, req: ChatRequest):
             if i == first_system:
                 raise APIError(400, "images are not allowed in the system message",
                                param=f"messages.{i}.content.{k}", code="invalid_content")
+            if isinstance(part, VideoPart):
+                frames, limit = part.video.frames, state.processor.cfg.video.max_frames
+                if len(frames) > limit:
+                    raise APIError(400, f"a video of {len(frames)} frames; this model takes at most {limit}: send "
+                                   f"fewer frames", param=f"messages.{i}.content.{k}.video.frames",
+                                   code="too_many_frames")
+                videos.append((len(refs), len(frames)))
+                refs += [(f if isinstance(f, str) else f.url, "low", f"messages.{i}.content.{k}.video.frames.{j}")
+                         for j, f in enumerate(frames)]
+                continue
             iu = part.image_url
             url, detail = (iu, "auto") if isinstance(iu, str) else (iu.url, iu.detail)
             refs.append((url, detail, f"messages.{i}.content.{k}.image_url"))
@@ -83,7 +96,10 @@ async def load_images(state: State, req: ChatRequest):
                     and tasks[u].exception() is e), None)
         e.param = e.param or bad
         raise
-    return [tasks[u].result() for u, _, _ in refs], [d for _, d, _ in refs]
+    images, details = [tasks[u].result() for u, _, _ in refs], [d for _, d, _ in refs]
+    for start, n in reversed(videos):  # each video's frames -> one media item
+        images[start:start + n], details[start:start + n] = [Video(images[start:start + n])], ["low"]
+    return images, details
 
 
 def encode(state: State, req: ChatRequest, images, details) -> tuple[dict, int]:

@@ -41,7 +41,20 @@ class ImagePart(_Lenient):
     image_url: str | ImageURL
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoFrames(_Lenient):
+    frames: list[str | ImageURL] = Field(min_length=1)  # image URLs (http(s) or data:), in order
+
+
+class VideoPart(_Lenient):
+    """Our request extension (OpenAI has none for video; GPT-4V's guidance is to send sampled frames as images): a
+    group of frames that is one video, `{"type": "video", "video": {"frames": [url, ...]}}`. Each frame is a
+    low-detail view; the model sees the frames' order (with `model.video.temporal_embeddings`)."""
+
+    type: Literal["video"]
+    video: VideoFrames
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(_Lenient):
