@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="folder the 'image' paths are relative to (default: the JSON's)")
     p.add_argument("--name", default="llava", help="dataset name in meta, keys and shard names")
     _common(p)
+
+    p = sub.add_parser("synthetic-video", help="the synthetic video task (rendered, no input files): order questions")
+    p.add_argument("--split", choices=["train", "val", "test"], default="train")
+    p.add_argument("--n", type=int, default=1000, help="clips")
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--size", type=int, default=256, help="frame side in px")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
     return parser
 
 
@@ -103,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             C.convert_easy_vqa(args.out, root=args.root, split=args.split, **common)
         elif args.dataset == "coco-captions":
             C.convert_coco_captions(args.captions, args.images, args.out, prompt=args.prompt, **common)
+        elif args.dataset == "synthetic-video":
+            C.convert_synthetic_video(args.out, split=args.split, n=args.n, frames=args.frames, size=args.size,
+                                      seed=args.seed, **options)
         elif args.dataset == "llava":
             C.convert_llava(args.annotations, args.out, images=args.images, dataset=args.name, **common)
     except (ValueError, OSError) as e:  # bad arguments / inputs (bad items are skipped, not raised)

@@ -563,3 +563,24 @@ def test_cli_other_subcommands_parse(tmp_path):
                  ["okvqa", "--questions", "q", "--images", "i", "--out", "o", "--subtype", "val2014"],
                  ["easy-vqa", "--root", "r", "--split", "test", "--out", "o", "--detail", "auto"]):
         assert parser.parse_args(argv).dataset == argv[0]
+
+
+def test_synthetic_video_answers_need_the_frames_order():
+    """The shape really moves the way the answer says (its coloured pixels' centroid, frame by frame), and the first
+    and last words differ: the reversed clip, the same set of frames, has every answer changed."""
+    import numpy as np
+
+    from vlm.data.convert.synthetic_video import render_clip
+
+    for seed in range(6):
+        frames, answers = render_clip(np.random.default_rng(seed), frames=4, size=128)
+        assert len(frames) == 4 and frames[0].size == (128, 128) and answers["first"] != answers["last"]
+        xs = []
+        for f in frames:
+            rgb = np.asarray(f).astype(int)
+            shape = rgb.max(-1) - rgb.min(-1) > 90  # saturated: the shape (background and words are grey)
+            xs.append(np.nonzero(shape)[1].mean())
+        steps = np.diff(xs)
+        assert (steps > 0).all() if answers["motion"] == "right" else (steps < 0).all()
+    again, same = render_clip(np.random.default_rng(5), frames=4, size=128)  # the last seed again: the same clip
+    assert same == answers and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again, frames))

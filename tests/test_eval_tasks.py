@@ -307,3 +307,21 @@ def test_synthetic_task_generates_long_enough_for_every_corpus_answer():
     longest = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1 for a in answers)  # + </s>
     assert longest == 10
     assert load_task("synthetic", data_root="unused").max_new_tokens >= longest
+
+
+def test_synthetic_video_task_reads_clips_and_scores_them(tmp_path, xattn):
+    """The video task's test split: rendered on first use (its `convert`), read as questions whose image is the list
+    of frames, evaluated through a video part (one media item, a low view per frame) and scored per question type."""
+    from vlm.cli import ensure_converted
+
+    task = load_task("synthetic_video", data_root=str(tmp_path), max_new_tokens=3,
+                     convert={"synthetic_video": {"out": str(tmp_path / "test"), "split": "test", "n": 6,
+                                                  "shard_size": 6}})
+    ensure_converted(OmegaConf.create({"convert": task.convert}))
+    questions = task.read()
+    assert len(questions) == 6 and all(isinstance(q.image, list) and len(q.image) == 4 for q in questions)
+    assert [q.question_type for q in questions[:3]] == ["first", "last", "motion"]
+    assert questions[2].answers[0] in ("left", "right") and questions[0].question_id == "synthetic_video_test-0000000"
+    metrics, rows = run(xattn, questions, task, tmp_path / "out")
+    check_scored(metrics, rows, questions, ("question_type",))
+    assert set(metrics["question_type"]) == {"first", "last", "motion"}

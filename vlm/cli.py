@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 def ensure_task_data(eval_cfg) -> None:
     """Build the synthetic corpus an eval task reads (`task.build_corpus`), under the eval config's data_root, from
-    `data.corpus`; a no-op for every other task or when it is up to date."""
+    `data.corpus`, and convert what it names under `convert`; a no-op for every other task or when up to date."""
+    ensure_converted(eval_cfg.task)
     if not eval_cfg.task.get("build_corpus"):
         return
     from hydra.utils import to_absolute_path

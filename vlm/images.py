@@ -193,3 +193,10 @@ def sample_frames(n_total: int, frames: int) -> list[int]:
     if n_total <= frames:
         return list(range(n_total))
     return [int((i + 0.5) * n_total / frames) for i in range(frames)]
+
+
+def load_media(source, **kwargs) -> Image.Image | Video:
+    """`load_image(source)`, or a `Video` of a list of frames (each through `load_image`)."""
+    if isinstance(source, (list, tuple)):
+        return Video([load_image(f, **kwargs) for f in source])
+    return load_image(source, **kwargs)

@@ -35,14 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from vlm.eval.tasks import Question
-from vlm.images import load_image
+from vlm.images import load_image, load_media
 from vlm.tiling import tile_image
 
 DEMO_MODES = ("random", "rices")
 
 
 def image_key(q: Question) -> str:
-    """Which image a question shows: its path, or for encoded bytes a hash of them."""
+    """Which image (or video) a question shows: its path, or for encoded bytes a hash of them."""
+    if isinstance(q.image, list):
+        return "video:" + "|".join(image_key(Question(q.question_id, q.question, f)) for f in q.image)
     if isinstance(q.image, bytes):
         return "sha1:" + hashlib.sha1(q.image).hexdigest()
     return str(q.image)
@@ -95,6 +97,9 @@ class Rices:
         first = {}
         for q in pool:
             first.setdefault(image_key(q), q)
+        if any(isinstance(q.image, list) for q in pool):
+            raise ValueError("demos=rices ranks pool images by the encoder's pooled features; this pool holds videos "
+                             "(use demos=random)")
         images = [load_image(first[k].image) for k in keys]
         return cls(pool, pooled_features(model, images, batch_size),
                    torch.tensor([row[image_key(q)] for q in pool]))
@@ -168,7 +173,7 @@ class DemoImages:
         if key in self.images:
             self.images.move_to_end(key)
             return self.images[key]
-        image = load_image(q.image)
+        image = load_media(q.image)
         self.images[key] = image
         if len(self.images) > self.size:
             self.images.popitem(last=False)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from vlm.eval.fewshot import DemoImages, Rices, draw_pool, pooled_features, run_fewshot
 from vlm.eval.metrics import score
 from vlm.eval.tasks import Question, Task
-from vlm.images import load_image
+from vlm.images import load_image, load_media
 from vlm.parallel import all_gather_objects, rank_world
 from vlm.processor import Processor, collate, to_device
 from vlm.prompts import generation_prompt
@@ -38,9 +38,10 @@ def build_messages(question: Question, task: Task, demos: Sequence[Question] = (
     first reference answer), then the query's user turn = [image_url, text rendered from the task's prompt]."""
     messages = [{"role": "system", "content": task.system}] if task.system else []
     for q in (*demos, question):
+        media = ({"type": "video", "video": {"frames": ["frame"] * len(q.image)}} if isinstance(q.image, list) else
+                 {"type": "image_url", "image_url": {"url": "image", "detail": task.detail}})
         messages.append({"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "image", "detail": task.detail}},
-            {"type": "text", "text": task.prompt.format(question=q.question)}]})
+            media, {"type": "text", "text": task.prompt.format(question=q.question)}]})
         if q is not question:
             if not q.answers:
                 raise ValueError(f"demonstration {q.question_id!r} has no answer")
@@ -68,7 +69,7 @@ class QuestionDataset(torch.utils.data.Dataset):
         demos = self.demos_of(index) if self.demos_of is not None else []
         text, add_bos = generation_prompt(build_messages(q, self.task, demos), proc.tokenizer, proc.image_token)
         try:
-            images = [self.demo_images(d) for d in demos] + [load_image(q.image)]
+            images = [self.demo_images(d) for d in demos] + [load_media(q.image)]
         except Exception as e:
             raise type(e)(f"question {q.question_id!r}: {e}") from e
         sample = proc.encode(text, images, [self.task.detail] * len(images), add_bos=add_bos)

@@ -37,14 +37,15 @@ SUBMISSIONS = ("vqa",)
 class Question:
     """One evaluation question.
 
-    image: a path (or the encoded bytes) of the image. answers: every reference answer ([] when the split has none,
+    image: a path (or the encoded bytes) of the image; a list of them: a video's frames, in order. answers: every
+    reference answer ([] when the split has none,
     e.g. VQAv2 test-dev: the question is predicted but not scored). question_type: a string, or a list when a
     question has several (DocVQA's question_types; it then counts under each). extra: whatever else the file says
     (image_id, ...), copied into predictions.jsonl."""
 
     question_id: Any
     question: str
-    image: str | Path | bytes
+    image: str | Path | bytes | list
     answers: list[str] = field(default_factory=list)
     question_type: str | list[str] | None = None
     answer_type: str | None = None
@@ -52,8 +53,8 @@ class Question:
 
 
 def _check_images(questions: list[Question], source: str | Path) -> list[Question]:
-    missing = sorted({str(q.image) for q in questions
-                      if not isinstance(q.image, bytes) and not Path(q.image).is_file()})
+    missing = sorted({str(f) for q in questions for f in (q.image if isinstance(q.image, list) else [q.image])
+                      if not isinstance(f, bytes) and not Path(f).is_file()})
     if missing:
         raise FileNotFoundError(f"{source}: {len(missing)} image(s) missing, e.g. {missing[:3]}")
     return questions
@@ -125,10 +126,12 @@ def read_easy_vqa(root: str | Path | None = None, split: str = "test") -> list[Q
 
 
 def read_chat_shards(shards: str | Path | Sequence, limit: int | None = None) -> list[Question]:
-    """Training chats in our shard format (`vlm.data.format`) -> one Question per sample with one image: its first
-    user question and the assistant's answer to it (the image as encoded bytes). A demonstration pool for tasks
-    whose training split exists only as shards (the synthetic corpus). question_id "<shard key>"; samples that are
-    not one image and a first answered question are skipped. `limit`: stop after that many."""
+    """Chats in our shard format (`vlm.data.format`) -> one Question per sample with one image or video: its first
+    user question and the assistant's answer to it (the image as encoded bytes, a video as its frames' bytes). A
+    demonstration pool for tasks whose training split exists only as shards (the synthetic corpus), or a test split
+    (the synthetic video task): `meta`'s question_id, answers and question_type are used where the record has them.
+    question_id otherwise "<shard key>"; samples that are not one image and a first answered question are skipped.
+    `limit`: stop after that many."""
     from collections import Counter
 
     from vlm.data.format import image_refs
@@ -150,7 +153,10 @@ def read_chat_shards(shards: str | Path | Sequence, limit: int | None = None) ->
             question = content_text(messages[0]["content"], image_token="").strip()
             answer = content_text(messages[1]["content"], image_token="").strip()
             if question and answer:
-                out.append(Question(sample["__key__"], question, sample[refs[0][0]], [answer]))
+                ref, meta = refs[0][0], record.get("meta", {})
+                media = [sample[m] for m in ref] if isinstance(ref, tuple) else sample[ref]
+                out.append(Question(meta.get("question_id", sample["__key__"]), question, media,
+                                    list(meta.get("answers") or [answer]), meta.get("question_type")))
     return out
 
 
@@ -187,7 +193,9 @@ class Task:
     {question}. metric: a `vlm.eval.metrics.METRICS` name. submission: "vqa" writes the official VQA results file
     `[{"question_id", "answer"}]`. build_corpus: data_root is the synthetic corpus, built first if missing.
     demos: the training split few-shot demonstrations come from (`vlm.eval.fewshot`), {reader, paths, args} as the
-    task's own fields, paths under the same data_root; None: the task has no few-shot pool."""
+    task's own fields, paths under the same data_root; None: the task has no few-shot pool. convert: datasets the
+    entry points convert into shards before reading ({dataset: {out, ...}}, as a data config's `convert`; the
+    synthetic video task renders its test split so)."""
 
     name: str
     reader: str | dict
@@ -202,6 +210,7 @@ class Task:
     submission: str | None = None
     build_corpus: bool = False
     demos: dict | None = None
+    convert: dict | None = None
 
     def __post_init__(self):
         if self.metric not in METRICS:

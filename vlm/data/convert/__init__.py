@@ -11,6 +11,7 @@ from vlm.data.convert.images import ImageReader, prepare_image
 from vlm.data.convert.llava import convert_llava, llava_source
 from vlm.data.convert.records import CAPTION_PROMPT, make_key
 from vlm.data.convert.synthetic_captions import convert_synthetic_captions, synthetic_captions_source
+from vlm.data.convert.synthetic_video import convert_synthetic_video, synthetic_video_source
 from vlm.data.convert.textvqa import convert_textvqa, textvqa_source
 from vlm.data.convert.vqa import convert_vqa, vqa_source
 from vlm.images import ImageError
@@ -20,4 +21,5 @@ __all__ = ["CAPTION_PROMPT", "CHARTQA_SOURCES", "DEFAULT_SHARD_SIZE", "EASY_VQA_
            "coco_captions_source", "convert_chartqa", "convert_coco_captions", "convert_docvqa", "convert_easy_vqa",
            "convert_llava", "convert_synthetic_captions", "convert_textvqa", "convert_vqa", "docvqa_source",
            "easy_vqa_source", "llava_source", "make_key", "prepare_image", "run_conversion",
-           "synthetic_captions_source", "textvqa_source", "vqa_source"]
+           "synthetic_captions_source", "textvqa_source", "vqa_source", "convert_synthetic_video",
+           "synthetic_video_source"]
