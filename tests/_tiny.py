@@ -82,3 +82,24 @@ def nontrivial_blip2(hf: torch.nn.Module) -> torch.nn.Module:
             m.bias.normal_(0.0, 0.2)
     hf.query_tokens.normal_()
     return hf.eval()
+
+
+def mp4(n: int = 20, w: int = 64, h: int = 48, rate: int = 10) -> bytes:
+    """A real MPEG-4 clip (PyAV's encoder): frame i is a flat colour whose red channel is 12 * i."""
+    import io
+
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            frame = np.zeros((h, w, 3), np.uint8)
+            frame[..., 0] = 12 * i
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()

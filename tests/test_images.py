@@ -250,3 +250,24 @@ def test_errors_carry_a_reason_code(make, kwargs, reason):
     with pytest.raises(ImageError) as err:
         load_image(make(), **kwargs)
     assert err.value.reason == reason
+
+
+def test_video_files_decode_and_sample_uniformly():
+    """An MPEG-4 clip of 20 frames at 10 fps: 4 frames spread evenly (segment middles 2, 7, 12, 17), or one every
+    0.5 s (0, 5, 10, 15); bytes that are not a video, a truncated file and a video of no frames are refused."""
+    from _tiny import mp4
+
+    from vlm.images import load_video, sample_frames
+
+    data = mp4(20)
+    red = lambda v: [round(int(np.asarray(f)[0, 0, 0]) / 12) for f in v.frames]
+    assert red(load_video(data, frames=4)) == [2, 7, 12, 17] == sample_frames(20, 4)
+    assert red(load_video(data, frames=8, fps=2)) == [0, 5, 10, 15]
+    assert len(load_video(data, frames=30)) == 20  # fewer frames than asked: all of them
+    assert load_video(data, frames=1).frames[0].size == (64, 48)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    for bad in (data[:200], b"not a video" * 50, png.getvalue()):
+        with pytest.raises(ImageError, match="video") as e:
+            load_video(bad)
+        assert e.value.reason == "undecodable"

@@ -415,3 +415,23 @@ def test_video_samples_round_trip_and_bad_ones_are_skipped(tmp_path):
     assert batch["keys"] == ["good"] and batch["views_per_image"].tolist() == [3]
     assert batch["view_positions"].frame.tolist() == [1, 2, 3] and batch["pixel_values"].shape[0] == 3
     assert counter.total.get("bad_image") == 1 and counter.total.get("bad_record") == 1
+
+
+def test_video_file_members_are_sampled_and_bad_ones_skipped(tmp_path):
+    """A video part naming an MPEG-4 member: decoded and sampled into its `frames` (uniform); a file that does not
+    decode skips the sample (bad_image), counted."""
+    from _tiny import mp4
+
+    clip = mp4(20)
+    record = lambda frames: {"messages": [{"role": "user", "content": [
+        {"type": "video", "video": {"file": "0.mp4", "frames": frames}}, {"type": "text", "text": "First?"}]},
+        {"role": "assistant", "content": "red"}]}
+    with ShardSink(tmp_path, "f", max_count=100) as sink:
+        sink.write("broken", record(4), {"0.mp4": clip[:300]})
+        sink.write("clip", record(4), {"0.mp4": clip})
+    stream = ShardStream(tmp_path, _processor(), epochs=1, shuffle_shards=False, shuffle_buffer=0)
+    (batch,) = list(_loader(stream, batch_size=1))
+    counter = SkipCounter()
+    counter.update(batch)
+    assert batch["keys"] == ["clip"] and batch["views_per_image"].tolist() == [4]
+    assert batch["view_positions"].frame.tolist() == [1, 2, 3, 4] and counter.total == {"bad_image": 1}

@@ -586,3 +586,23 @@ def test_video_request(client, model, served):
     refused(client, video_msg([]), 422, "validation_error")
     refused(client, video_msg([frames[0], data_url(animated_gif(), "image/gif")]), 415, "unsupported_image_format")
     assert chat(client, [{"role": "user", "content": "still there?"}], max_tokens=1).choices
+
+
+def test_video_file_request(client, model):
+    """A video file by data URL (our extension): sampled into `num_frames` low views; a file that does not decode is a
+    400 naming the part, `frames` and `url` together a 422, too many frames a 400."""
+    from _tiny import mp4
+
+    clip = data_url(mp4(20), "video/mp4")
+    msgs = [{"role": "user", "content": [{"type": "video", "video": {"url": clip, "num_frames": 3}},
+                                         {"type": "text", "text": "Which came first?"}]}]
+    r = chat(client, msgs, temperature=0, max_tokens=2)
+    assert r.usage.prompt_tokens == expected_prompt_tokens(model, msgs, []) + 3 * token_budget(model.cfg).global_view
+    bad = [{"role": "user", "content": [{"type": "video", "video": {"url": data_url(b"junk" * 99, "video/mp4")}}]}]
+    err = refused(client, bad, 400, "invalid_image")
+    assert err["param"] == "messages.0.content.0.video.url" and "video" in err["message"]
+    both = [{"role": "user", "content": [{"type": "video", "video": {"url": clip, "frames": [clip]}}]}]
+    refused(client, both, 422, "validation_error")
+    many = [{"role": "user", "content": [{"type": "video", "video": {"url": clip, "num_frames": 99}}]}]
+    refused(client, many, 400, "too_many_frames")
+    assert chat(client, [{"role": "user", "content": "still there?"}], max_tokens=1).choices

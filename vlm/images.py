@@ -200,3 +200,42 @@ def load_media(source, **kwargs) -> Image.Image | Video:
     if isinstance(source, (list, tuple)):
         return Video([load_image(f, **kwargs) for f in source])
     return load_image(source, **kwargs)
+
+
+
+def load_video(source: bytes | str | os.PathLike, *, frames: int | None = 8, fps: float | None = None,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Video:
+    """A video file (any container and codec FFmpeg decodes, through PyAV) -> a `Video` of uniformly sampled frames:
+    `frames` frames spread evenly over the clip (`sample_frames`), or with `fps` one frame every 1 / fps seconds
+    (then `frames` caps their number). `ImageError`: UNDECODABLE when the bytes are not a video FFmpeg can decode
+    (or it has no frames), TOO_LARGE when one frame has more than `max_pixels` pixels."""
+    import av
+
+    data = source if isinstance(source, bytes) else open(source, "rb").read()
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise ImageError("not a video: the file has no video stream", UNDECODABLE)
+            if container.format.name == "image2" or container.format.name.endswith("_pipe"):  # FFmpeg's still images
+                raise ImageError(f"not a video but a still image ({container.format.name}): send it as an image",
+                                 UNDECODABLE)
+            stream = container.streams.video[0]
+            if max_pixels is not None and stream.width * stream.height > max_pixels:
+                raise ImageError(f"video frames of {stream.width}x{stream.height} px exceed {max_pixels} pixels",
+                                 TOO_LARGE)
+            decoded = [(f.time, f.to_image()) for f in container.decode(stream)]  # (seconds, RGB) in order
+    except av.FFmpegError as e:
+        raise ImageError(f"video does not decode: {e}", UNDECODABLE) from e
+    if not decoded:
+        raise ImageError("video does not decode: no frames", UNDECODABLE)
+    if fps is not None:
+        start, picked, next_t = decoded[0][0] or 0.0, [], 0.0
+        for i, (t, _) in enumerate(decoded):
+            if (t or 0.0) - start >= next_t - 1e-6:
+                picked.append(i)
+                next_t += 1.0 / fps
+        if frames is not None and len(picked) > frames:
+            picked = [picked[j] for j in sample_frames(len(picked), frames)]
+    else:
+        picked = sample_frames(len(decoded), frames or len(decoded))
+    return Video([decoded[i][1].convert("RGB") for i in picked])

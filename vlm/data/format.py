@@ -20,6 +20,9 @@ or an interleaved document (MMC4 style), every `<image>` marker standing for the
 `url` / `images` entries name the sample's own members by their suffix ("0.jpg"). `detail` is low / high /
 auto (default auto). A video is a content part of its own, its frames in order (each a low-detail view, `VideoConfig`):
         {"type": "video", "video": {"frames": ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]}}
+or a video file, decoded and sampled uniformly when read (`vlm.images.load_video`: `frames` evenly spread, or one
+every 1 / `fps` seconds, capped at `frames`):
+        {"type": "video", "video": {"file": "0.mp4", "frames": 8}}
 and, in a document, a list of suffixes in `images`. Only assistant turns are supervised in conversations; documents
 supervise all text.
 """
@@ -28,14 +31,25 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
 
 
-def image_refs(record: dict) -> list[tuple[str | tuple[str, ...], str]]:
+@dataclass(frozen=True)
+class VideoFile:
+    """An `image_refs` entry for a video file member: sampled into `frames` frames (or at `fps`) when read."""
+
+    member: str
+    frames: int | None = 8
+    fps: float | None = None
+
+
+def image_refs(record: dict) -> list[tuple[str | tuple[str, ...] | VideoFile, str]]:
     """(member suffix, detail) of every image the record uses, in order of appearance; a video's entry holds its
-    frames' suffixes as a tuple (detail "low")."""
+    frames' suffixes as a tuple, or its file as a `VideoFile` (detail "low")."""
     if "messages" in record:
         refs = []
         for message in record["messages"]:
@@ -47,7 +61,10 @@ def image_refs(record: dict) -> list[tuple[str | tuple[str, ...], str]]:
                         url = url if isinstance(url, dict) else {"url": url}
                         refs.append((url["url"], url.get("detail", "auto")))
                     elif part.get("type") == "video":
-                        refs.append((tuple(part["video"]["frames"]), "low"))
+                        v = part["video"]
+                        ref = (VideoFile(v["file"], v.get("frames", 8), v.get("fps")) if "file" in v
+                               else tuple(v["frames"]))
+                        refs.append((ref, "low"))
         return refs
     if "text" in record:
         images = [tuple(m) if isinstance(m, list) else m for m in record.get("images", [])]
@@ -56,9 +73,9 @@ def image_refs(record: dict) -> list[tuple[str | tuple[str, ...], str]]:
     raise KeyError("record has neither 'messages' nor 'text'")
 
 
-def members(ref: str | tuple[str, ...]) -> tuple[str, ...]:
-    """The member suffixes an `image_refs` entry names: one image's, or a video's frames'."""
-    return (ref,) if isinstance(ref, str) else ref
+def members(ref: str | tuple[str, ...] | VideoFile) -> tuple[str, ...]:
+    """The member suffixes an `image_refs` entry names: one image's, a video's frames', or its file's."""
+    return (ref,) if isinstance(ref, str) else (ref.member,) if isinstance(ref, VideoFile) else ref
 
 
 class ShardSink:
@@ -86,8 +103,8 @@ class ShardSink:
         sample = {"__key__": key, "json": json.dumps(record, ensure_ascii=False).encode()}
         for suffix, data in images.items():
             ext = suffix.rsplit(".", 1)[-1].lower()
-            if ext not in IMAGE_EXTS:
-                raise ValueError(f"sample {key}: image {suffix!r} must end in one of {IMAGE_EXTS}")
+            if ext not in IMAGE_EXTS + VIDEO_EXTS:
+                raise ValueError(f"sample {key}: member {suffix!r} must end in one of {IMAGE_EXTS + VIDEO_EXTS}")
             sample[suffix] = data
         self._writer.write(sample)
         self.count += 1

@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from vlm.data.format import image_refs
-from vlm.images import UNSUPPORTED, ImageError, Video, load_image
+from vlm.data.format import VideoFile, image_refs, members
+from vlm.images import UNSUPPORTED, ImageError, Video, load_image, load_video
 from vlm.parallel import rank_world
 from vlm.processor import Processor, collate
 from vlm.prompts import chat_pieces, document_pieces
@@ -322,15 +322,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             return None
 
     @staticmethod
-    def _video(raw: dict, key: str, frames: tuple[str, ...]) -> Video:
-        missing = [f for f in frames if f not in raw]
+    def _video(raw: dict, key: str, ref: tuple[str, ...] | VideoFile) -> Video:
+        missing = [m for m in members(ref) if m not in raw]
         if missing:
-            raise SampleError("missing_key", f"sample {key} refers to missing video frames {missing}")
+            raise SampleError("missing_key", f"sample {key} refers to missing video members {missing}")
         try:
-            return Video([load_image(raw[f]) for f in frames])
+            if isinstance(ref, VideoFile):
+                return load_video(raw[ref.member], frames=ref.frames, fps=ref.fps)
+            return Video([load_image(raw[f]) for f in ref])
         except ImageError as e:
             reason = "unsupported_format" if e.reason == UNSUPPORTED else "bad_image"
-            raise SampleError(reason, f"sample {key} video {list(frames)}: {e}") from e
+            raise SampleError(reason, f"sample {key} video {list(members(ref))}: {e}") from e
 
     def _decode(self, raw: dict) -> dict:
         key = raw.get("__key__", "?")
@@ -344,7 +346,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         images, details, plans = [], [], []
         tiling = self.processor.cfg.tiling
         for ref, detail in refs:
-            if isinstance(ref, tuple):  # a video: its frames, decoded in full
+            if isinstance(ref, (tuple, VideoFile)):  # a video: its frames, or its file sampled
                 images.append(self._video(raw, key, ref))
                 plans.append(None)
                 details.append(detail)

@@ -52,6 +52,7 @@ async def load_images(state: State, req: ChatRequest):
     marker = state.processor.image_token
     refs = []  # (url, detail, param)
     videos = []  # (index of its first frame in refs, frames)
+    files = []  # (where it goes in refs, url, frames, fps, param): video files
     first_system = next((i for i, m in enumerate(req.messages) if m.role in ("system", "developer")), None)
     for i, m in enumerate(req.messages):
         if isinstance(m.content, str) and marker in m.content:
@@ -67,7 +68,14 @@ async def load_images(state: State, req: ChatRequest):
                 raise APIError(400, "images are not allowed in the system message",
                                param=f"messages.{i}.content.{k}", code="invalid_content")
             if isinstance(part, VideoPart):
-                frames, limit = part.video.frames, state.processor.cfg.video.max_frames
+                v, limit = part.video, state.processor.cfg.video.max_frames
+                if v.url is not None:  # a video file, sampled after fetching
+                    if v.num_frames > limit:
+                        raise APIError(400, f"num_frames {v.num_frames}: this model takes at most {limit}",
+                                       param=f"messages.{i}.content.{k}.video.num_frames", code="too_many_frames")
+                    files.append((len(refs), v.url, v.num_frames, v.fps, f"messages.{i}.content.{k}.video.url"))
+                    continue
+                frames = v.frames
                 if len(frames) > limit:
                     raise APIError(400, f"a video of {len(frames)} frames; this model takes at most {limit}: send "
                                    f"fewer frames", param=f"messages.{i}.content.{k}.video.frames",
@@ -87,10 +95,17 @@ async def load_images(state: State, req: ChatRequest):
     for url, _, _ in refs:
         if url not in tasks:
             tasks[url] = asyncio.ensure_future(fetcher.load(url))
+    clips = [asyncio.ensure_future(fetcher.load_video(url, n, fps)) for _, url, n, fps, _ in files]
     try:
+        for (_, _, _, _, param), clip in zip(files, clips):
+            try:
+                await clip
+            except FetchError as e:
+                e.param = e.param or param
+                raise
         await asyncio.gather(*tasks.values())
     except FetchError as e:
-        for t in tasks.values():
+        for t in [*tasks.values(), *clips]:
             t.cancel()
         bad = next((p for u, _, p in refs if tasks[u].done() and not tasks[u].cancelled()
                     and tasks[u].exception() is e), None)
@@ -99,6 +114,10 @@ async def load_images(state: State, req: ChatRequest):
     images, details = [tasks[u].result() for u, _, _ in refs], [d for _, d, _ in refs]
     for start, n in reversed(videos):  # each video's frames -> one media item
         images[start:start + n], details[start:start + n] = [Video(images[start:start + n])], ["low"]
+    for (where, *_), clip in reversed(list(zip(files, clips))):  # files, from the back (their `where` ascend)
+        at = where - sum(n - 1 for start, n in videos if start < where)  # frame groups before it are one item now
+        images.insert(at, clip.result())
+        details.insert(at, "low")
     return images, details
 
 

@@ -29,7 +29,16 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
-from vlm.images import DEFAULT_MAX_PIXELS, TOO_LARGE, UNDECODABLE, UNSUPPORTED, ImageError, load_image
+from vlm.images import (
+    DEFAULT_MAX_PIXELS,
+    TOO_LARGE,
+    UNDECODABLE,
+    UNSUPPORTED,
+    ImageError,
+    Video,
+    load_image,
+    load_video,
+)
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
@@ -53,16 +62,16 @@ def classify_image_error(e: ImageError) -> FetchError:
     return FetchError(status, str(e), code)
 
 
-def decode_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """`data:image/<type>;base64,<payload>` -> bytes. The payload's length is checked before decoding."""
+def decode_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES, media: str = "image") -> bytes:
+    """`data:<media>/<type>;base64,<payload>` -> bytes. The payload's length is checked before decoding."""
     header, sep, payload = url.partition(",")
     if not sep:
         raise FetchError(400, "malformed data URL: no ',' separator", "invalid_image_url")
     params = header[len("data:"):].split(";")
     if "base64" not in [p.strip().lower() for p in params[1:]]:
         raise FetchError(400, "data URLs must be base64 encoded (data:image/...;base64,...)", "invalid_image_url")
-    if not params[0].strip().lower().startswith("image/"):
-        raise FetchError(400, f"data URL media type must be image/*, got {params[0]!r}", "invalid_image_url")
+    if not params[0].strip().lower().startswith(f"{media}/"):
+        raise FetchError(400, f"data URL media type must be {media}/*, got {params[0]!r}", "invalid_image_url")
     if len(payload) > 4 * ((max_bytes + 2) // 3) + 4:  # before decoding: base64 is 4 chars per 3 bytes
         raise FetchError(413, f"image larger than {max_bytes} bytes", "image_too_large")
     try:
@@ -117,11 +126,19 @@ class ImageFetcher:
         except ImageError as e:
             raise classify_image_error(e) from e
 
-    async def fetch_bytes(self, url: str) -> bytes:
+    async def load_video(self, url: str, frames: int, fps: float | None) -> Video:
+        """A video file's bytes from the URL, then `vlm.images.load_video` (uniform sampling) in a worker thread."""
+        data = await self.fetch_bytes(url, media="video")
+        try:
+            return await asyncio.to_thread(load_video, data, frames=frames, fps=fps, max_pixels=self.cfg.max_pixels)
+        except ImageError as e:
+            raise classify_image_error(e) from e
+
+    async def fetch_bytes(self, url: str, media: str = "image") -> bytes:
         if not isinstance(url, str) or not url:
             raise FetchError(400, "image_url must be a non-empty string", "invalid_image_url")
         if url[:5].lower() == "data:":
-            return decode_data_url(url, self.cfg.max_bytes)
+            return decode_data_url(url, self.cfg.max_bytes, media)
         try:
             return await asyncio.wait_for(self._fetch_http(url), self.cfg.total_timeout)
         except asyncio.TimeoutError as e:

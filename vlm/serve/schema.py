@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class APIError(Exception):
@@ -42,13 +42,24 @@ class ImagePart(_Lenient):
 
 
 class VideoFrames(_Lenient):
-    frames: list[str | ImageURL] = Field(min_length=1)  # image URLs (http(s) or data:), in order
+    frames: list[str | ImageURL] | None = Field(default=None, min_length=1)  # image URLs (http(s) or data:), in order
+    url: str | None = None  # or a video file (http(s) or data:video/...), sampled uniformly
+    num_frames: int = Field(default=8, ge=1)  # the file's frames to sample
+    fps: float | None = Field(default=None, gt=0)  # or one frame every 1 / fps seconds (at most num_frames)
+
+    @model_validator(mode="after")
+    def one_source(self):
+        if (self.frames is None) == (self.url is None):
+            raise ValueError("a video takes exactly one of `frames` (image URLs) and `url` (a video file)")
+        return self
 
 
 class VideoPart(_Lenient):
     """Our request extension (OpenAI has none for video; GPT-4V's guidance is to send sampled frames as images): a
-    group of frames that is one video, `{"type": "video", "video": {"frames": [url, ...]}}`. Each frame is a
-    low-detail view; the model sees the frames' order (with `model.video.temporal_embeddings`)."""
+    group of frames that is one video, `{"type": "video", "video": {"frames": [url, ...]}}`, or a video file,
+    `{"type": "video", "video": {"url": "data:video/mp4;base64,...", "num_frames": 8}}` (FFmpeg through PyAV, frames
+    sampled uniformly). Each frame is a low-detail view; the model sees the frames' order (with
+    `model.video.temporal_embeddings`)."""
 
     type: Literal["video"]
     video: VideoFrames
