@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -606,3 +607,31 @@ def test_video_file_request(client, model):
     many = [{"role": "user", "content": [{"type": "video", "video": {"url": clip, "num_frames": 99}}]}]
     refused(client, many, 400, "too_many_frames")
     assert chat(client, [{"role": "user", "content": "still there?"}], max_tokens=1).choices
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VLM_VIDEO_RUN"),
+                    reason="VLM_VIDEO_RUN=<the checkpoint.pt of a `train.py experiment=video` run> not set")
+def test_trained_video_run_answers_order_questions_about_fresh_clips():
+    """A served video checkpoint, fresh synthetic clips (a seed no split uses) sent as frames through the official
+    client: which way the shape moved, and which word came first, both need the frames' order."""
+    import numpy as np
+
+    from vlm.data.convert.synthetic_video import VIDEO_QUESTIONS, render_clip
+
+    model = load_model(ServeConfig(checkpoint=os.environ["VLM_VIDEO_RUN"]))
+    s = Served(create_app(ServeConfig(default_max_tokens=8), model=model))
+    right, asked = Counter(), Counter()
+    try:
+        client = openai.OpenAI(base_url=s.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
+        for seed in range(987_654, 987_662):
+            frames, answers = render_clip(np.random.default_rng(seed))
+            urls = [data_url(encode(f, "JPEG"), "image/jpeg") for f in frames]
+            for kind in ("motion", "first"):
+                out = chat(client, video_msg(urls, VIDEO_QUESTIONS[kind]), temperature=0, max_tokens=8)
+                right[kind] += out.choices[0].message.content.strip().rstrip(".").lower() == answers[kind].lower()
+                asked[kind] += 1
+    finally:
+        s.close()
+    print({k: f"{right[k]}/{asked[k]}" for k in asked})
+    assert right["motion"] >= 7 and right["first"] >= 6  # chance: 4 / 8 and 2 / 8
