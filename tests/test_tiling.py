@@ -15,6 +15,7 @@ from vlm.tiling import (
     plan_tiles,
     resize,
     tile_image,
+    tile_video,
     token_budget,
     untile,
     visual_tokens,
@@ -67,7 +68,16 @@ def test_visual_tokens_follows_config():
     assert visual_tokens(plan_tiles(1024, 1024, "low"), cfg) == 33
     budget = token_budget(cfg)
     assert (budget.global_view, budget.tile) == (33, 9) and budget.image(plan) == 33 + 4 * 9
-    assert budget.views(torch.tensor([False, True, True])).tolist() == [33, 9, 9]
+    views = ViewPositions.cat([ViewPositions.global_view(), ViewPositions.grid(1, 2)])
+    assert budget.views(views).tolist() == [33, 9, 9]
+    frames = [Image.new("RGB", (40, 30), (10 * i, 0, 0)) for i in range(3)]
+    video = tile_video(frames, cfg.tiling)  # one low view per frame, numbered 1..3
+    assert video.positions.frame.tolist() == [1, 2, 3] and video.pixels.shape[0] == 3 and video.plan.num_views == 3
+    assert budget.image(video.plan) == 3 * 33 and budget.views(video.positions).tolist() == [33] * 3
+    cfg.video.resample = "clip"  # the clip's tokens at its first frame
+    clip = token_budget(cfg)
+    assert clip.image(video.plan) == 33 and clip.views(video.positions).tolist() == [33, 0, 0]
+    assert clip.image(plan) == 33 + 4 * 9  # images as before
 
 
 def test_view_positions_index_cat_and_compare():

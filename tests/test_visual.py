@@ -27,7 +27,7 @@ def test_views_go_to_the_resampler_of_their_budget():
             assert len(z) == (129 if tile else 65)
             torch.testing.assert_close(tokens[start:start + len(z)], z)
             start += len(z)
-    assert start == len(tokens) == int(model.visual.budget.views(pos.is_tile.bool()).sum())
+    assert start == len(tokens) == int(model.visual.budget.views(pos).sum())
 
 
 def test_shared_resamplers_keep_the_tile_budgets_queries():
@@ -77,3 +77,28 @@ def test_temporal_embeddings_give_the_frames_an_order():
         before = model(still).logits
         model.visual.view_embedding.time.weight.normal_(std=10.0)
         assert torch.equal(before, model(still).logits)
+
+
+def test_a_clip_resampled_as_one_takes_one_global_views_tokens():
+    """`video.resample=clip` (Flamingo): all of a video's frames into one resampler call, 65 tokens a video beside
+    images and per-frame budgets unchanged; its temporal embeddings go on the frames' features, and without them the
+    clip is a set of frames (reversed: the same logits up to float rounding over the permuted keys)."""
+    from vlm.images import Video
+
+    frames = [photo(300 + 10 * i, 200) for i in range(4)]
+    for temporal in (False, True):
+        model, proc = build("++model.video.resample=clip", f"++model.video.temporal_embeddings={temporal}")
+        open_gates(model, 1.0)
+        model.eval()
+        assert (model.visual.clip_time is not None) == temporal and model.visual.view_embedding.time is None
+        if temporal:
+            model.visual.clip_time.weight.data.normal_()
+        samples = [proc.encode("First? <image> Answer:", [Video(f)]) for f in (frames, frames[::-1])]
+        samples.append(proc.encode("<image> then <image>", [photo(300, 200), Video(frames[:2])]))
+        batch = collate(samples, pad_token_id=proc.tokenizer.pad_token_id)
+        with torch.no_grad():
+            _, per_image = model.encode_images(batch["pixel_values"], batch["pixel_mask"], batch["view_positions"],
+                                               batch["views_per_image"])  # (I,)
+            logits = model(batch).logits  # (3, T, W)
+        assert per_image.tolist() == [65, 65, 65 + 129, 65]  # a clip, a clip, an image with one tile, a clip
+        assert torch.allclose(logits[0], logits[1], atol=1e-3) != temporal

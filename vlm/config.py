@@ -198,11 +198,15 @@ class LMConfig:
 @dataclass
 class VideoConfig:
     """Videos (Flamingo; GPT-4V's guidance: send sampled frames as images): an ordered list of frames, each frame one
-    low-detail global view resampled on its own by the global resampler, so a video of F frames costs F x the global
-    view's tokens (65); the text holds one `<image>` marker per video (xattn: its tokens are one media item, every
-    frame's) or all of them (prefix). `vlm.images.Video` carries the frames; `ViewPositions.frame` numbers them 1..F."""
+    low-detail global view, resampled on its own by the global resampler (a video of F frames costs F x the global
+    view's tokens, 65) or all together (`resample: clip`, 65 tokens a video). The text holds one `<image>` marker per
+    video (xattn: its tokens are one media item, every frame's) or all its tokens (prefix). `vlm.images.Video`
+    carries the frames; `ViewPositions.frame` numbers them 1..F."""
 
     max_frames: int = 8  # a video with more frames is refused (sample it first: `vlm.images.sample_frames`)
+    # "frame": each frame resampled on its own (F x 65 tokens a video); "clip": Flamingo's, every frame's features
+    # (plus their temporal embeddings) into one global-resampler call, 65 tokens a video whatever its length
+    resample: Literal["frame", "clip"] = "frame"
     # a learned embedding per frame index added to every token of that frame (Flamingo's temporal embeddings).
     # Without it the cross-attention sees a video's frames as a set: their order is lost (`no_temporal` ablation).
     temporal_embeddings: bool = False

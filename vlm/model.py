@@ -137,7 +137,7 @@ class VLM(nn.Module):
         With `self.feature_cache` and a frozen encoder, cached views skip the encoder (the same features)."""
         feats, pmask = self.encode_views(pixel_values, pixel_mask)  # (V, P, Dv), (V, P)
         tokens = self.visual(feats, pmask, view_positions)  # (N, D)
-        lens = self.visual.budget.views(view_positions.is_tile.bool())  # (V,)
+        lens = self.visual.budget.views(view_positions)  # (V,)
         image_of_view = torch.repeat_interleave(torch.arange(len(views_per_image), device=lens.device),
                                                 views_per_image)  # (V,)
         tokens_per_image = torch.zeros_like(views_per_image).index_add_(0, image_of_view, lens)  # (I,)
@@ -162,7 +162,7 @@ class VLM(nn.Module):
                                                       batch["views_per_image"])  # (N, D), (I,)
         is_tile = positions.is_tile.bool()  # (V,)
         return self.fusion.prepare(embeds, is_image, tokens, tokens_per_image, images_per_sample, cache_kv=cache_kv,
-                                   token_kind=token_kinds(is_tile, self.visual.budget.views(is_tile)))
+                                   token_kind=token_kinds(is_tile, self.visual.budget.views(positions)))
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, num_tokens: torch.Tensor | float | None = None, *, logits: bool = True

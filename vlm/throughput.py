@@ -24,8 +24,9 @@ def batch_counts(batch: dict, model: VLM) -> Counter:
     (real and padded: the LM runs on the padded ones)."""
     positions = batch.get("view_positions")
     is_tile = positions.is_tile.bool() if positions is not None else torch.zeros(0, dtype=torch.bool)  # (V,)
+    visual = int(token_budget(model.cfg).views(positions).sum()) if positions is not None else 0
     return Counter(samples=len(batch["input_ids"]), views=len(is_tile), tiles=int(is_tile.sum()),
-                   visual_tokens=int(token_budget(model.cfg).views(is_tile).sum()),
+                   visual_tokens=visual,
                    text_tokens=int(batch["attention_mask"].sum()), padded_text_tokens=batch["input_ids"].numel())
 
 

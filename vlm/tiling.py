@@ -122,20 +122,26 @@ class TokenBudget:
 
     global_view: int  # tokens of a global view (the whole of detail="low")
     tile: int  # tokens of each high-res tile
+    clip: bool = False  # videos resampled as one clip (`VideoConfig.resample`): a global view's tokens a video
 
     def image(self, plan: TilePlan | ClipPlan) -> int:
-        """The visual tokens of one image (its global view plus its tiles) or one video (a global view per frame)."""
+        """The visual tokens of one image (its global view plus its tiles) or one video (a global view per frame, or
+        one for the clip)."""
+        if self.clip and isinstance(plan, ClipPlan):
+            return self.global_view
         return self.global_view * (plan.num_views - plan.num_tiles) + plan.num_tiles * self.tile
 
-    def views(self, is_tile: torch.Tensor) -> torch.Tensor:
-        """(V,) bool -> (V,) tokens of each view."""
-        return torch.where(is_tile, self.tile, self.global_view)  # (V,)
+    def views(self, positions: ViewPositions) -> torch.Tensor:
+        """(V,) tokens of each view; resampled as a clip, a video's tokens sit at its first frame, its others have
+        none."""
+        lens = torch.where(positions.is_tile.bool(), self.tile, self.global_view)  # (V,)
+        return lens.masked_fill(positions.frame > 1, 0) if self.clip else lens  # (V,)
 
 
 def token_budget(cfg: VLMConfig | None = None) -> TokenBudget:
     """The budget a model config gives its views: each resampler's queries plus its class token."""
     cfg = cfg or VLMConfig()
-    return TokenBudget(cfg.global_resampler.num_tokens, cfg.tile_resampler.num_tokens)
+    return TokenBudget(cfg.global_resampler.num_tokens, cfg.tile_resampler.num_tokens, cfg.video.resample == "clip")
 
 
 def visual_tokens(plan: TilePlan, cfg: VLMConfig | None = None) -> int:

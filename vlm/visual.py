@@ -71,10 +71,18 @@ class VisualTokens(nn.Module):
                 raise ValueError(f"global and tile resamplers must emit the same width, got "
                                  f"{self.global_resampler.out_dim} and {self.tile_resampler.out_dim}")
         self.out_dim = self.global_resampler.out_dim
+        video = cfg.video
+        self.clip = video.resample == "clip"
+        per_frame_time = video.temporal_embeddings and not self.clip
         self.view_embedding = ViewEmbedding(self.out_dim, cfg.tiling.max_grid,
                                             tile_positions=cfg.tile_position_embeddings,
                                             view_type=cfg.view_type_embedding, std=cfg.view_embedding_std,
-                                            frames=cfg.video.max_frames if cfg.video.temporal_embeddings else 0)
+                                            frames=video.max_frames if per_frame_time else 0)
+        # a clip's temporal embeddings go on its frames' features, before the resampler (Flamingo)
+        self.clip_time = None
+        if self.clip and video.temporal_embeddings:
+            self.clip_time = nn.Embedding(video.max_frames, media_dim)
+            nn.init.normal_(self.clip_time.weight, std=cfg.view_embedding_std)
 
     def resamplers(self) -> list[nn.Module]:
         return [m for m in (self.global_resampler, self.tile_resampler) if m is not None]
@@ -87,16 +95,39 @@ class VisualTokens(nn.Module):
             return self.global_resampler(feats, mask, latents=self.tile_queries)  # (V, Lt, D)
         return self.tile_resampler(feats, mask)  # (V, Lt, D)
 
+    def _resample_clips(self, feats: torch.Tensor, mask: torch.Tensor, positions: ViewPositions,
+                        first: torch.Tensor) -> torch.Tensor:
+        """Each clip's frames (consecutive views numbered 1..F from `first`) as one media sequence, with their temporal
+        embeddings, into one global-resampler call: (C, Lg, D)."""
+        frames = torch.diff(torch.cat([first, first.new_tensor([len(positions)])]))  # (C,) views up to the next clip
+        frames = torch.stack([(positions.frame[s:s + n] > 0).sum() for s, n in zip(first.tolist(), frames.tolist())])
+        F_max, P = int(frames.max()), feats.shape[1]
+        media = feats.new_zeros(len(first), F_max, P, feats.shape[-1])  # (C, F, P, Dv)
+        media_mask = mask.new_zeros(len(first), F_max, P)  # (C, F, P)
+        for c, (s, n) in enumerate(zip(first.tolist(), frames.tolist())):
+            media[c, :n], media_mask[c, :n] = feats[s:s + n], mask[s:s + n]
+        if self.clip_time is not None:
+            media = media + self.clip_time.weight[:F_max, None].to(media.dtype)  # (C, F, P, Dv)
+        media = rearrange(media, "c f p d -> c (f p) d")  # (C, F*P, Dv)
+        return self.global_resampler(media, rearrange(media_mask, "c f p -> c (f p)"))  # (C, Lg, D)
+
     def forward(self, feats: torch.Tensor, mask: torch.Tensor, positions: ViewPositions) -> torch.Tensor:
         """Every view of the batch, (V, P, Dv) and (V, P) -> its tokens, view after view (N, D): one batched resampler
         call per budget, never a loop over views."""
         is_tile = positions.is_tile.bool()  # (V,)
-        lens = self.budget.views(is_tile)  # (V,)
+        lens = self.budget.views(positions)  # (V,)
         starts = lens.cumsum(0) - lens  # (V,) where each view's tokens begin in the flat stream
         dtype = next(self.global_resampler.parameters()).dtype
         out = feats.new_zeros(int(lens.sum()), self.out_dim, dtype=dtype)  # (N, D)
+        in_clip = positions.frame > 0 if self.clip else torch.zeros_like(is_tile)  # (V,) frames resampled as clips
+        if bool(in_clip.any()):
+            first = (positions.frame == 1).nonzero()[:, 0]  # (C,) each clip's first frame
+            z = self._resample_clips(feats, mask, positions, first)  # (C, Lg, D)
+            z = self.view_embedding(z, positions[first])  # (C, Lg, D)
+            dest = rearrange(starts[first, None] + torch.arange(z.shape[1], device=first.device), "c l -> (c l)")
+            out = out.index_copy(0, dest, rearrange(z, "c l d -> (c l) d").to(out.dtype))  # (N, D)
         for tiles, n in ((False, self.budget.global_view), (True, self.budget.tile)):
-            idx = (is_tile if tiles else ~is_tile).nonzero()[:, 0]  # (n,)
+            idx = ((is_tile if tiles else ~is_tile) & ~in_clip).nonzero()[:, 0]  # (n,)
             if idx.numel() == 0:
                 continue
             z = self.resample(feats[idx], mask[idx], tiles=tiles)  # (n, L, D)
