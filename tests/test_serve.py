@@ -635,3 +635,38 @@ def test_trained_video_run_answers_order_questions_about_fresh_clips():
         s.close()
     print({k: f"{right[k]}/{asked[k]}" for k in asked})
     assert right["motion"] >= 7 and right["first"] >= 6  # chance: 4 / 8 and 2 / 8
+
+
+def test_stream_sends_tokens_as_they_are_generated(monkeypatch):
+    """True streaming: with each decode step slowed to 50 ms and no EOS possible (its EOS is the image marker, which
+    is never generated), 40 tokens take > 2 s, and the first content chunk arrives after a few steps, long before the
+    last; the streamed text still equals the non-streaming answer (greedy)."""
+    import vlm.model
+
+    model = load_model(ServeConfig())  # the tiny default, its own seed
+    model.tokenizer.eos_token = model.cfg.lm.image_token
+    slow, real = {"on": False}, vlm.model.sample_next
+
+    def slow_sample_next(*args, **kwargs):
+        if slow["on"]:
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlm.model, "sample_next", slow_sample_next)
+    s = Served(create_app(ServeConfig(default_max_tokens=40), model=model))
+    try:
+        c = openai.OpenAI(base_url=s.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
+        msgs = [{"role": "user", "content": "Tell me a long story."}]
+        full = chat(c, msgs, temperature=0, max_tokens=40).choices[0].message.content
+        slow["on"] = True
+        start, first, text = time.monotonic(), None, ""
+        for chunk in chat(c, msgs, temperature=0, max_tokens=40, stream=True):
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece and first is None:
+                first = time.monotonic() - start
+            text += piece or ""
+        total = time.monotonic() - start
+    finally:
+        s.close()
+    assert text == full and total > 2.0
+    assert first is not None and first < total / 2, (first, total)

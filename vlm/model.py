@@ -21,6 +21,7 @@ in the order their placeholders appear in the text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -194,11 +195,13 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 32, *, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Greedy or sampled decoding on a left-padded batch. Images are encoded once per request; with `use_cache`
         the LM's KV cache and (xattn) the projected media keys/values are reused at every step, without it every
         step recomputes everything (the reference for tests). Returns the new tokens (B, max_new_tokens at most),
-        padded with pad_token_id after EOS."""
+        padded with pad_token_id after EOS. `on_token`: called with each step's picked tokens (B,) as they are made
+        (the server streams them; rows already past their EOS are still reported, the caller ignores them)."""
         input_ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask
@@ -209,7 +212,10 @@ class VLM(nn.Module):
         def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, W) -> (B,)
             if self.image_token_id < logits.shape[-1]:
                 logits[:, self.image_token_id] = float("-inf")  # images come from the request, never the model
-            return sample_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+            nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+            if on_token is not None:
+                on_token(nxt)
+            return nxt
 
         return self.lm.generate(embeds, mask, pick=pick, max_new_tokens=max_new_tokens, eos=eos,
                                 pad=self.tokenizer.pad_token_id, layers=media.layers if media is not None else None,

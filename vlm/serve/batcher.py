@@ -1,11 +1,13 @@
 """Dynamic batching: requests wait in a bounded asyncio queue (full -> 429); one worker collects up to `max_batch_size`
 samples (n counts) or waits `max_wait_ms`, groups them by sampling parameters (greedy together; sampled ones by
 (temperature, top_p); a seeded request runs alone so its output depends only on its seed), and runs `VLM.generate`
-on a left-padded batch in a dedicated thread so the event loop stays free."""
+on a left-padded batch in a dedicated thread so the event loop stays free. A streaming job gets each decode step's
+tokens as they are made (`Job.tokens`), so its first chunk leaves after the first step, not after the batch."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +29,9 @@ class Job:
     top_p: float
     seed: int | None
     future: asyncio.Future
+    # streaming: each decode step's tokens of this job's n rows, put here as they are made (from the worker thread)
+    tokens: asyncio.Queue | None = None
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 class Batcher:
@@ -111,9 +116,17 @@ class Batcher:
         generator = None
         if head.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(head.seed)
+        streams = [(j, i) for j, i in zip(group, [0, *itertools.accumulate(j.n for j in group)]) if j.tokens]
+
+        def on_token(nxt: torch.Tensor) -> None:  # (B,): hand each streaming job its rows' tokens, thread-safely
+            step = nxt.tolist()
+            for j, i in streams:
+                j.loop.call_soon_threadsafe(j.tokens.put_nowait, step[i:i + j.n])
+
         with torch.inference_mode():
             tokens = self.model.generate(batch, max(j.max_tokens for j in group), do_sample=head.temperature > 0,
-                                         temperature=head.temperature, top_p=head.top_p, generator=generator)
+                                         temperature=head.temperature, top_p=head.top_p, generator=generator,
+                                         on_token=on_token if streams else None)
         rows = tokens.cpu().tolist()
         out, i = [], 0
         for j in group:

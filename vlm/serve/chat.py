@@ -6,8 +6,10 @@ resamplers). With xattn fusion the text holds one `<image>` marker per image and
 cross-attention; the marker is not counted, its image's visual tokens are. `completion_tokens` counts the generated
 tokens, EOS included when the model emitted it (also when a stop string cut the text).
 
-Streaming (`stream=true`) sends chat.completion.chunk events token by token and `data: [DONE]`; the tokens are
-generated first (in the batch) and then streamed, so errors still get a proper status code.
+Streaming (`stream=true`) sends chat.completion.chunk events as the tokens are generated (each decode step's tokens
+reach the request through `Job.tokens`), then each choice's finish_reason and `data: [DONE]`. Everything that can
+be refused (the request, its images, the context length, a full queue) is checked before the stream starts, so
+those errors keep their status codes; a failure during generation is sent as an `error` event in the stream.
 """
 
 from __future__ import annotations
@@ -153,30 +155,33 @@ async def complete(state: State, req: ChatRequest):
         raise APIError(400, f"prompt ({len(sample['input_ids'])} tokens) plus max_tokens ({max_tokens}) exceeds "
                        f"the model's context of {state.max_positions}", param="messages",
                        code="context_length_exceeded")
-    fut = asyncio.get_running_loop().create_future()
-    state.batcher.submit(Job(sample, req.n, max_tokens, sampling_group(req), req.temperature, req.top_p, req.seed,
-                             fut))
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    job = Job(sample, req.n, max_tokens, sampling_group(req), req.temperature, req.top_p, req.seed, fut,
+              tokens=asyncio.Queue() if req.stream else None, loop=loop)
+    state.batcher.submit(job)  # a full queue answers 429 here, before any byte of a stream
+    tok = state.processor.tokenizer
+    cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.cfg.model_name
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = live_events(tok, job, stops, prompt_tokens, cid, created, name, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         rows = await fut
     except asyncio.CancelledError:
         fut.cancel()
         raise
-    tok = state.processor.tokenizer
     choices = [finish(tok, r, stops) for r in rows]
+    return {"id": cid, "object": "chat.completion", "created": created, "model": name, "system_fingerprint": None,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": reason} for i, (text, reason, _, _) in enumerate(choices)],
+            "usage": _usage(prompt_tokens, choices)}
+
+
+def _usage(prompt_tokens: int, choices) -> dict:
     completion_tokens = sum(c[2] for c in choices)
-    usage = {"prompt_tokens": prompt_tokens,
-             "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-    cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.cfg.model_name
-    if not req.stream:
-        return {"id": cid, "object": "chat.completion", "created": created, "model": name,
-                "system_fingerprint": None,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": reason}
-                            for i, (text, reason, _, _) in enumerate(choices)],
-                "usage": usage}
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    events = stream_events(tok, cid, created, name, choices, usage if include_usage else None)
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def finish(tok, row: list[int], stops: list[str]) -> tuple[str, str, int, list[int]]:
@@ -193,35 +198,73 @@ def finish(tok, row: list[int], stops: list[str]) -> tuple[str, str, int, list[i
     return text, reason, n_tokens, ids
 
 
-def deltas(tok, ids: list[int], final: str) -> list[str]:
-    """Per-token text pieces that concatenate exactly to `final` (incomplete UTF-8 held back)."""
-    out, sent = [], ""
-    for k in range(1, len(ids) + 1):
-        text = tok.decode(ids[:k], skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(sent) or len(text) == len(sent):
-            continue
-        piece = text[len(sent):]
-        if not final.startswith(sent + piece):
-            break
-        out.append(piece)
-        sent += piece
-    if len(sent) < len(final):
-        out.append(final[len(sent):])
-    return out
+def stream_piece(tok, ids: list[int], sent: str, stops: list[str]) -> tuple[str, bool]:
+    """(the text to send now, whether the choice has ended at a stop string) for a choice whose content tokens so far
+    are `ids` and whose text `sent` has gone out: never past a stop string, never an incomplete UTF-8 character,
+    never a tail that may still grow into a stop string (it waits for the next token)."""
+    text = tok.decode(ids, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+        return (text[len(sent):] if text.startswith(sent) else ""), True
+    if text.endswith("\ufffd"):
+        return "", False
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    safe = text[:len(text) - hold]
+    return (safe[len(sent):] if safe.startswith(sent) else ""), False
 
 
-async def stream_events(tok, cid: str, created: int, model_name: str, choices, usage):
+async def live_events(tok, job: Job, stops: list[str], prompt_tokens: int, cid: str, created: int,
+                      model_name: str, include_usage: bool):
+    """Server-sent chunks as the tokens are generated: a role chunk per choice, then each step's text pieces, then
+    (when the batch's generation has ended) the rest of the text `finish` gives the non-streaming response, each
+    choice's finish_reason, the usage if asked, `data: [DONE]`. The streamed text equals the non-streaming content."""
     def event(choice_list, extra=None):
         chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                  "system_fingerprint": None, "choices": choice_list, **(extra or {})}
         return f"data: {json.dumps(chunk)}\n\n"
 
-    for i, (text, reason, _, ids) in enumerate(choices):
-        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
-        for piece in deltas(tok, ids, text):
-            yield event([{"index": i, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}])
+    def delta(i: int, piece: str):
+        return event([{"index": i, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}])
+
+    n, eos = job.n, tok.eos_token_id
+    ids, sent, ended = [[] for _ in range(n)], [""] * n, [False] * n
+    try:
+        for i in range(n):
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        while not job.future.done():
+            step = asyncio.ensure_future(job.tokens.get())
+            await asyncio.wait({step, job.future}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                break
+            for i, t in enumerate(step.result()):
+                if ended[i]:
+                    continue
+                if t == eos or len(ids[i]) >= job.max_tokens:
+                    ended[i] = True
+                    continue
+                ids[i].append(t)
+                piece, ended[i] = stream_piece(tok, ids[i], sent[i], stops)
+                if piece:
+                    sent[i] += piece
+                    yield delta(i, piece)
+        try:
+            rows = await job.future
+        except Exception as e:  # noqa: BLE001 - the status line is gone: the error goes in the stream, as OpenAI's
+            error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+    except asyncio.CancelledError:  # the client went away: its rows are not wanted
+        job.future.cancel()
+        raise
+    choices = [finish(tok, r, stops) for r in rows]
+    for i, (text, reason, _, _) in enumerate(choices):
+        if text.startswith(sent[i]) and len(text) > len(sent[i]):
+            yield delta(i, text[len(sent[i]):])
         yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
-    if usage is not None:
-        yield event([], {"usage": usage})
+    if include_usage:
+        yield event([], {"usage": _usage(prompt_tokens, choices)})
     yield "data: [DONE]\n\n"
