@@ -2,7 +2,7 @@
 
 Shapes: V views (global views + tiles of the batch), P patches per view, L tokens per view (queries + class token:
 Lg = 65 for a global view, Lt = 129 for a tile), N visual tokens of the batch (flat), Dv vision width, D resampler
-width.
+width, G video clips resampled whole (`video.resample=clip`), F frames of a clip.
 
 This is the one place that dispatches views to the resampler of their budget; stage 0 (`vlm.vision_pretrain`) calls
 `resample` too, so it trains what the VLM then uses.
@@ -98,18 +98,18 @@ class VisualTokens(nn.Module):
     def _resample_clips(self, feats: torch.Tensor, mask: torch.Tensor, positions: ViewPositions,
                         first: torch.Tensor) -> torch.Tensor:
         """Each clip's frames (consecutive views numbered 1..F from `first`) as one media sequence, with their temporal
-        embeddings, into one global-resampler call: (C, Lg, D)."""
-        frames = torch.diff(torch.cat([first, first.new_tensor([len(positions)])]))  # (C,) views up to the next clip
+        embeddings, into one global-resampler call: (G, Lg, D)."""
+        frames = torch.diff(torch.cat([first, first.new_tensor([len(positions)])]))  # (G,) views up to the next clip
         frames = torch.stack([(positions.frame[s:s + n] > 0).sum() for s, n in zip(first.tolist(), frames.tolist())])
         F_max, P = int(frames.max()), feats.shape[1]
-        media = feats.new_zeros(len(first), F_max, P, feats.shape[-1])  # (C, F, P, Dv)
-        media_mask = mask.new_zeros(len(first), F_max, P)  # (C, F, P)
+        media = feats.new_zeros(len(first), F_max, P, feats.shape[-1])  # (G, F, P, Dv)
+        media_mask = mask.new_zeros(len(first), F_max, P)  # (G, F, P)
         for c, (s, n) in enumerate(zip(first.tolist(), frames.tolist())):
             media[c, :n], media_mask[c, :n] = feats[s:s + n], mask[s:s + n]
         if self.clip_time is not None:
-            media = media + self.clip_time.weight[:F_max, None].to(media.dtype)  # (C, F, P, Dv)
-        media = rearrange(media, "c f p d -> c (f p) d")  # (C, F*P, Dv)
-        return self.global_resampler(media, rearrange(media_mask, "c f p -> c (f p)"))  # (C, Lg, D)
+            media = media + self.clip_time.weight[:F_max, None].to(media.dtype)  # (G, F, P, Dv)
+        media = rearrange(media, "g f p d -> g (f p) d")  # (G, F*P, Dv)
+        return self.global_resampler(media, rearrange(media_mask, "g f p -> g (f p)"))  # (G, Lg, D)
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor, positions: ViewPositions) -> torch.Tensor:
         """Every view of the batch, (V, P, Dv) and (V, P) -> its tokens, view after view (N, D): one batched resampler
@@ -121,11 +121,11 @@ class VisualTokens(nn.Module):
         out = feats.new_zeros(int(lens.sum()), self.out_dim, dtype=dtype)  # (N, D)
         in_clip = positions.frame > 0 if self.clip else torch.zeros_like(is_tile)  # (V,) frames resampled as clips
         if bool(in_clip.any()):
-            first = (positions.frame == 1).nonzero()[:, 0]  # (C,) each clip's first frame
-            z = self._resample_clips(feats, mask, positions, first)  # (C, Lg, D)
-            z = self.view_embedding(z, positions[first])  # (C, Lg, D)
-            dest = rearrange(starts[first, None] + torch.arange(z.shape[1], device=first.device), "c l -> (c l)")
-            out = out.index_copy(0, dest, rearrange(z, "c l d -> (c l) d").to(out.dtype))  # (N, D)
+            first = (positions.frame == 1).nonzero()[:, 0]  # (G,) each clip's first frame
+            z = self._resample_clips(feats, mask, positions, first)  # (G, Lg, D)
+            z = self.view_embedding(z, positions[first])  # (G, Lg, D)
+            dest = rearrange(starts[first, None] + torch.arange(z.shape[1], device=first.device), "g l -> (g l)")
+            out = out.index_copy(0, dest, rearrange(z, "g l d -> (g l) d").to(out.dtype))  # (N, D)
         for tiles, n in ((False, self.budget.global_view), (True, self.budget.tile)):
             idx = ((is_tile if tiles else ~is_tile) & ~in_clip).nonzero()[:, 0]  # (n,)
             if idx.numel() == 0:
