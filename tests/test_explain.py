@@ -1,6 +1,6 @@
 """Attention maps (vlm/explain.py): the heat is a distribution laid where each view sits, the PNG is written by the
-CLI and by eval.py, nothing is kept in the model, prefix fusion is refused; on a trained default run (opt-in) the
-heat of a corner-text question sits on that corner's tile."""
+CLI and by eval.py, nothing is kept in the model, prefix fusion reads the LLM's attention; on a trained default run
+(opt-in) the heat of a corner-text question sits on that corner's tile."""
 
 from __future__ import annotations
 
@@ -64,10 +64,18 @@ def test_each_views_heat_lands_where_the_view_sits():
     assert heat.shape == square.resized[::-1] and abs(heat.sum() - 1) < 1e-3 and heat.std() / heat.mean() < 0.05
 
 
-def test_prefix_fusion_is_refused():
+def test_prefix_fusion_reads_the_llms_attention_on_the_visual_tokens():
+    """Prefix fusion: the answer's self-attention on the visual tokens' positions (eager for that call, then back to
+    the LLM's own attention); an encoder-decoder LM is refused."""
     model, _ = build("model/fusion=prefix")
-    with pytest.raises(ValueError, match="cross-attention"):
-        explain(model, photo(300, 200), question_messages("What?"))
+    attention = model.lm.model.config._attn_implementation
+    before = _held(model)
+    ex = explain(model, photo(700, 500), question_messages("What is on the right?"), max_new_tokens=3)
+    assert _held(model) == before and model.lm.model.config._attn_implementation == attention
+    assert abs(ex.heat.sum() - 1) < 1e-5 and abs(ex.view_mass.sum() - 1) < 1e-5 and ex.tile_heat.shape == (1, 2)
+    t5, _ = build("model/lm=tiny_t5", "model/fusion=prefix")
+    with pytest.raises(ValueError, match="seq2seq"):
+        explain(t5, photo(300, 200), question_messages("What?"))
 
 
 def test_cli_and_eval_write_maps(tmp_path):

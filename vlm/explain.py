@@ -10,9 +10,13 @@ patches; the Perceiver's attention to the latents is left out), and each view's 
 where the view sits: the global view over the whole image, a tile over its crop. `tile_heat` is the heat inside each
 tile's crop (the global view's share included), `view_mass` the attention on each view's own tokens.
 
+Prefix fusion (BLIP-2 / LLaVA, decoder-only LLMs): the visual tokens are in the LLM's input, so the weight per visual
+token is the answer tokens' self-attention on their positions, every layer and head averaged (the LLM runs with
+eager attention for that one call, to return its probabilities) and renormalised over the visual tokens (the
+attention on the text is left out).
+
 vs the gradient maps of LLaVA-style tooling: attention read off the model's own blocks (no backward, no
-hyper-parameters), at the cost of saying nothing about the frozen encoder's inside. Prefix fusion (BLIP-2 / LLaVA)
-is refused: its attention over visual tokens lives inside the LLM's self-attention.
+hyper-parameters), at the cost of saying nothing about the frozen encoder's inside.
 
 Nothing is kept in a module: the probabilities are computed in forward pre-hooks that exist only during that call.
 
@@ -78,9 +82,10 @@ def _answer_ids(model, batch: dict, answer: str | None, max_new_tokens: int) -> 
 def explain(model, image: Image.Image, messages: list[dict], *, detail: str = "high", answer: str | None = None,
             max_new_tokens: int = 16) -> Explanation:
     """`messages`: an OpenAI chat whose one image_url part stands for `image` (as eval's `build_messages`)."""
-    if not isinstance(model.fusion, CrossAttentionFusion):
-        raise ValueError(f"vlm.explain reads the gated cross-attention; this model's fusion is {model.fusion.kind!r} "
-                         f"(its attention over visual tokens is inside the LLM's self-attention: not supported)")
+    xattn = isinstance(model.fusion, CrossAttentionFusion)
+    if not xattn and model.lm.kind != "causal":
+        raise ValueError(f"vlm.explain reads the gated cross-attention, or a decoder-only LLM's self-attention over "
+                         f"a prefix; this model has {model.fusion.kind!r} fusion into a {model.lm.kind} LM")
     model.eval()
     proc = Processor(model.cfg, model.tokenizer)
     text, add_bos = generation_prompt(messages, model.tokenizer, proc.image_token)
@@ -107,15 +112,30 @@ def explain(model, image: Image.Image, messages: list[dict], *, detail: str = "h
         probs = probs[..., :media.shape[1]]  # (V_call, L, P): the patches (a Perceiver also attends to latents)
         patch_attn.append(probs / probs.sum(-1, keepdim=True).clamp_min(1e-12))
 
-    hooks = [b.register_forward_pre_hook(on_block) for b in model.fusion.blocks
-             if isinstance(b, GatedCrossAttentionBlock)]
+    visual = (batch["input_ids"][0] == model.image_token_id).nonzero()[:, 0]  # (K,) a prefix's visual positions
+
+    def on_self_attention(module, args, out):  # eager attention returns (output, probabilities (B, H, T, T))
+        probs = out[1][0][:, predicting][..., visual]  # (H, n, K)
+        token_weights.append(probs.mean((0, 1)))  # (K,)
+
+    if xattn:
+        hooks = [b.register_forward_pre_hook(on_block) for b in model.fusion.blocks
+                 if isinstance(b, GatedCrossAttentionBlock)]
+    else:
+        hooks = [layer.self_attn.register_forward_hook(on_self_attention) for layer in model.lm.layers]
     hooks += [_last_attention(r).register_forward_pre_hook(on_resampler) for r in model.visual.resamplers()]
+    hf, attention = model.lm.model, model.lm.model.config._attn_implementation
     try:
+        if not xattn:
+            hf.set_attn_implementation("eager")
         model(batch)
     finally:
         for h in hooks:
             h.remove()
+        if not xattn:
+            hf.set_attn_implementation(attention)
     weights = torch.stack(token_weights).mean(0).float().cpu()  # (K,)
+    weights = weights / weights.sum().clamp_min(1e-12)  # (K,) over the visual tokens (a prefix: the text's share out)
     patch_attn = [a.float().cpu() for a in patch_attn]
     views = _views_in_call_order(batch, patch_attn)  # V x (L, P), global view first
     lens = [a.shape[0] for a in views]
