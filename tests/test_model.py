@@ -85,3 +85,49 @@ def test_freezing_is_configurable():
     assert not any(p.requires_grad for p in model.vision.parameters())
     model.train()
     assert model.lm.training and not model.vision.training
+
+
+@pytest.mark.parametrize("fusion", ["tiny_xattn", "prefix"])
+def test_rows_joining_and_leaving_a_decode_get_what_they_get_alone(fusion):
+    """Continuous batching's decode (`start_decode`, `decode_step`, `Decode.merge` / `select`): a request that joins
+    a running decode two steps in, a text-only one, one with two images joining later, each leaving after its own
+    number of tokens, get exactly the greedy tokens `generate` gives each alone. (Cross-attention as the embedded
+    default has it, text before any image untouched: with open_flamingo's `text_only_passthrough=false` a text-only
+    row's output depends on whether its batch holds images, in any batching.)"""
+    from _tiny import open_gates, photo
+
+    from vlm.processor import collate
+
+    passthrough = ["++model.fusion.text_only_passthrough=true"] if fusion == "tiny_xattn" else []
+    model, proc = build(f"model/fusion={fusion}", *passthrough)
+    if passthrough:
+        open_gates(model, 1.0)  # the images matter
+    model.eval()
+    pad = proc.tokenizer.pad_token_id
+    samples = [proc.encode("<image> What is it?", [photo(300, 200)]), proc.encode("Tell me something."),
+               proc.encode("<image> and <image>: which?", [photo(90, 60), photo(600, 300)])]
+    wanted = [7, 4, 6]  # tokens each row decodes before it leaves
+    joins = {0: 0, 1: 2, 2: 3}  # the step each joins at
+    alone = [model.generate(collate([s], pad_token_id=pad, padding_side="left"), max_new_tokens=n,
+                            eos_token_id=-1)[0].tolist() for s, n in zip(samples, wanted)]
+    pick = model.picker()
+    state, nxt, active, got = None, None, [], {}
+    for step in range(20):
+        for r in [r for r, at in joins.items() if at == step]:  # join between steps
+            logits, st = model.start_decode(collate([samples[r]], pad_token_id=pad, padding_side="left"))
+            first = pick(logits)  # (1,)
+            state, nxt = (st, first) if state is None else (state.merge(st), torch.cat([nxt, first]))
+            active.append(r)
+            got[r] = [int(first)]
+        keep = [i for i, r in enumerate(active) if len(got[r]) < wanted[r]]
+        if len(keep) < len(active):  # leave when done
+            active = [active[i] for i in keep]
+            if not active and len(got) == len(samples):
+                break
+            state, nxt = state.select(torch.tensor(keep)), nxt[keep]
+        if not active:
+            continue
+        nxt = pick(model.decode_step(state, nxt))  # (B,)
+        for i, r in enumerate(active):
+            got[r].append(int(nxt[i]))
+    assert [got[r] for r in range(3)] == alone

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlm.config import FusionConfig
@@ -147,6 +148,40 @@ class CrossAttentionMedia:
             time = last if cached else torch.cat([time, last.expand(-1, new_tokens)], dim=1)  # (B, 1) / (B, T+n)
         mask, has_media = self.attention_mask(time)
         return {layer: partial(self._block, slot, mask, has_media) for slot, layer in enumerate(self.layer_ids)}
+
+    # ---------------------------------------------------------------- continuous batching (rows leave and join)
+    def decoding(self) -> CrossAttentionMedia:
+        """The media as decode steps need them: the K/V projected, each row's latest image time only (B, 1)."""
+        kv = self.kv if self.kv is not None else [block.media_kv(self.media) for block in self.blocks]
+        return CrossAttentionMedia(self.blocks, self.layer_ids, self.media, self.key_image, self.text_time[:, -1:],
+                                   self.only_immediate, kv, self.key_kind, self.head_sees)
+
+    def select(self, keep: torch.Tensor) -> CrossAttentionMedia:
+        return CrossAttentionMedia(self.blocks, self.layer_ids, self.media[keep], self.key_image[keep],
+                                   self.text_time[keep], self.only_immediate, [(k[keep], v[keep]) for k, v in self.kv],
+                                   None if self.key_kind is None else self.key_kind[keep], self.head_sees)
+
+    def merge(self, other: CrossAttentionMedia | None, rows: int) -> CrossAttentionMedia:
+        """These rows, then `other`'s (`rows` of them; None: rows without images), keys zero-padded to the longer."""
+        other = other if other is not None else self.empty(rows)
+        K = max(self.media.shape[1], other.media.shape[1])
+        pad = lambda x, dim: F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, K - x.shape[dim]])  # zeros after, on dim
+        cat = lambda a, b, dim: torch.cat([pad(a, dim), pad(b, dim)])
+        kind = None if self.key_kind is None else cat(self.key_kind, other.key_kind, 1)
+        kv = [(cat(k, k2, 2), cat(v, v2, 2)) for (k, v), (k2, v2) in zip(self.kv, other.kv)]  # (B+B', H, K, d)
+        time = torch.cat([self.text_time, other.text_time])  # (B+B', 1)
+        return CrossAttentionMedia(self.blocks, self.layer_ids, cat(self.media, other.media, 1),
+                                   cat(self.key_image, other.key_image, 1), time, self.only_immediate, kv, kind,
+                                   self.head_sees)
+
+    def empty(self, rows: int) -> CrossAttentionMedia:
+        """Media for `rows` rows with no image: one padding key each (no token attends to it, has_media is False)."""
+        media = self.media.new_zeros(rows, 1, self.media.shape[-1])  # (rows, 1, D)
+        none = self.key_image.new_zeros(rows, 1)  # (rows, 1)
+        kv = [(k.new_zeros(rows, k.shape[1], 1, k.shape[-1]), v.new_zeros(rows, v.shape[1], 1, v.shape[-1]))
+              for k, v in self.kv]
+        return CrossAttentionMedia(self.blocks, self.layer_ids, media, none, none.clone(), self.only_immediate, kv,
+                                   None if self.key_kind is None else none.clone(), self.head_sees)
 
     def _block(self, slot: int, mask: torch.Tensor, has_media: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         block = self.blocks[slot]

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +212,44 @@ def _next_token(logits: torch.Tensor, done: torch.Tensor, pick: Callable[[torch.
     return nxt, done | torch.isin(nxt, eos)
 
 
+@dataclass
+class LMDecode:
+    """A causal LM's decode in progress, between two steps, for continuous batching (the server's): the KV cache, the
+    attention mask (B, T) as long as the cache, and each row's last position (B, 1). Rows leave (`select`) and join
+    (`merge`: both left-padded to the longer one, the padding masked) between steps."""
+
+    cache: object
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> LMDecode:
+        """The rows `keep` (R,) indexes, in that order."""
+        self.cache.batch_select_indices(keep)
+        return LMDecode(self.cache, self.mask[keep], self.positions[keep])
+
+    def merge(self, other: LMDecode) -> LMDecode:
+        """These rows, then `other`'s (its cache is consumed)."""
+        T = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            if type(mine).__name__ != "DynamicLayer" or type(theirs).__name__ != "DynamicLayer":
+                raise NotImplementedError(f"continuous batching joins plain DynamicCache layers, not "
+                                          f"{type(mine).__name__}")
+            mine.keys = torch.cat([_left_pad(mine.keys, T, 2), _left_pad(theirs.keys, T, 2)])  # (B+B', H, T, d)
+            mine.values = torch.cat([_left_pad(mine.values, T, 2), _left_pad(theirs.values, T, 2)])
+        mask = torch.cat([_left_pad(self.mask, T, 1), _left_pad(other.mask, T, 1)])  # (B+B', T)
+        return LMDecode(self.cache, mask, torch.cat([self.positions, other.positions]))
+
+
+def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zeros prepended along `dim` up to `length`."""
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
 def _dynamic_cache(config):
     """transformers' `DynamicCache` for a model config (no config argument before transformers 4.56)."""
     from transformers import DynamicCache
@@ -294,9 +333,10 @@ class CausalLM(_Adapter):
         reference). Returns the new tokens (B, n <= max_new_tokens), `pad` after a sample's EOS."""
         fns = layers or (lambda new, cached: None)
         mask = attention_mask
-        positions = positions_from_mask(mask, embeds)  # (B, T)
-        cache = self._new_cache() if use_cache else None
-        logits = self.call(embeds, mask, positions, fns(0, False), cache)  # (B, T, W)
+        if use_cache:
+            logits, state = self.prefill(embeds, mask, fns(0, False))  # (B, 1, W)
+        else:
+            logits = self.call(embeds, mask, positions_from_mask(mask, embeds), fns(0, False))  # (B, T, W)
         done = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
         new_tokens = []
         for _ in range(max_new_tokens):
@@ -304,13 +344,11 @@ class CausalLM(_Adapter):
             new_tokens.append(nxt)
             if bool(done.all()) or len(new_tokens) == max_new_tokens:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+1)
-            step = self.embed(nxt[:, None])  # (B, 1, De)
             if use_cache:
-                positions = positions[:, -1:] + 1  # (B, 1)
-                logits = self.call(step, mask, positions, fns(len(new_tokens), True), cache)  # (B, 1, W)
+                logits = self.step(state, nxt, fns(len(new_tokens), True))  # (B, 1, W)
             else:
-                embeds = torch.cat([embeds, step], dim=1)  # (B, T+n, De)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+1)
+                embeds = torch.cat([embeds, self.embed(nxt[:, None])], dim=1)  # (B, T+n, De)
                 logits = self.call(embeds, mask, positions_from_mask(mask, embeds), fns(len(new_tokens), False))
         if not new_tokens:
             return torch.zeros(len(embeds), 0, dtype=torch.long, device=embeds.device)
@@ -318,6 +356,23 @@ class CausalLM(_Adapter):
 
     def _new_cache(self):
         return _dynamic_cache(self.model.config)
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, fns: LayerFns | None = None
+                ) -> tuple[torch.Tensor, LMDecode]:
+        """A left-padded prompt (B, T, De) through the LM into a new KV cache: the last position's logits (B, 1, W)
+        and the decode state the steps go on from."""
+        positions = positions_from_mask(attention_mask, embeds)  # (B, T)
+        cache = self._new_cache()
+        logits = self.call(embeds, attention_mask, positions, fns, cache)[:, -1:]  # (B, 1, W)
+        return logits, LMDecode(cache, attention_mask, positions[:, -1:])
+
+    @torch.no_grad()
+    def step(self, state: LMDecode, tokens: torch.Tensor, fns: LayerFns | None = None) -> torch.Tensor:
+        """One decode step: each row's new token (B,) in, its next logits (B, 1, W) out; `state` moves on."""
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)  # (B, T+1)
+        state.positions = state.positions + 1  # (B, 1)
+        return self.call(self.embed(tokens[:, None]), state.mask, state.positions, fns, state.cache)  # (B, 1, W)
 
 
 class Seq2SeqLM(_Adapter):

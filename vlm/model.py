@@ -29,12 +29,34 @@ from torch import nn
 
 from vlm.config import VLMConfig
 from vlm.feature_cache import FeatureCacheConfig, open_cache
-from vlm.fusion import build_fusion, token_kinds
-from vlm.lm import LearnedTokens, build_language_model, sample_next
+from vlm.fusion import CrossAttentionMedia, build_fusion, token_kinds
+from vlm.lm import LearnedTokens, LMDecode, build_language_model, sample_next
 from vlm.tiling import ViewPositions
 from vlm.tokenizer import IGNORE_INDEX, build_tokenizer
 from vlm.vision import VisionEncoder
 from vlm.visual import VisualTokens
+
+
+@dataclass
+class Decode:
+    """A decode in progress: the LM's state (`vlm.lm.LMDecode`) and, with cross-attention, the rows' media."""
+
+    lm: LMDecode
+    media: CrossAttentionMedia | None
+
+    def __len__(self) -> int:
+        return len(self.lm.positions)
+
+    def select(self, keep: torch.Tensor) -> Decode:
+        return Decode(self.lm.select(keep), self.media.select(keep) if self.media is not None else None)
+
+    def merge(self, other: Decode) -> Decode:
+        media = self.media
+        if media is None and other.media is not None:
+            media = other.media.empty(len(self))
+        if media is not None:
+            media = media.merge(other.media, len(other))
+        return Decode(self.lm.merge(other.lm), media)
 
 
 @dataclass
@@ -193,6 +215,38 @@ class VLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- generate
     @torch.no_grad()
+    def picker(self, *, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None, on_token: Callable[[torch.Tensor], None] | None = None
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The next-token choice of a decode: last logits (B, W) -> tokens (B,), never the image token."""
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, W) -> (B,)
+            if self.image_token_id < logits.shape[-1]:
+                logits[:, self.image_token_id] = float("-inf")  # images come from the request, never the model
+            nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+            if on_token is not None:
+                on_token(nxt)
+            return nxt
+
+        return pick
+
+    # ----------------------------------------------------------------- continuous batching (the server's decode)
+    @torch.no_grad()
+    def start_decode(self, batch: dict) -> tuple[torch.Tensor, Decode]:
+        """A left-padded batch's prompt through the model: its last logits (B, W) and the decode state (images
+        encoded once, media keys/values projected once) that `decode_step` goes on from; rows of several states
+        join with `Decode.merge` and leave with `Decode.select` between steps. Decoder-only LMs."""
+        if self.lm.kind != "causal":
+            raise NotImplementedError(f"continuous batching decodes causal LMs; this one is {self.lm.kind}")
+        embeds, media = self.prepare_inputs(batch)  # (B, T, De)
+        logits, state = self.lm.prefill(embeds, batch["attention_mask"], media.layers() if media else None)
+        return logits[:, -1].float(), Decode(state, media.decoding() if media is not None else None)
+
+    @torch.no_grad()
+    def decode_step(self, state: Decode, tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's new token (B,) -> its next logits (B, W); `state` moves on a step."""
+        fns = state.media.layers(1, cached=True) if state.media is not None else None
+        return self.lm.step(state.lm, tokens, fns)[:, -1].float()  # (B, W)
+
     def generate(self, batch: dict, max_new_tokens: int = 32, *, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None,
@@ -208,15 +262,8 @@ class VLM(nn.Module):
         eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
         embeds, media = self.prepare_inputs(batch, cache_kv=use_cache)  # (B, T, De)
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, W) -> (B,)
-            if self.image_token_id < logits.shape[-1]:
-                logits[:, self.image_token_id] = float("-inf")  # images come from the request, never the model
-            nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
-            if on_token is not None:
-                on_token(nxt)
-            return nxt
-
+        pick = self.picker(do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
+                           on_token=on_token)
         return self.lm.generate(embeds, mask, pick=pick, max_new_tokens=max_new_tokens, eos=eos,
                                 pad=self.tokenizer.pad_token_id, layers=media.layers if media is not None else None,
                                 use_cache=use_cache)
