@@ -670,3 +670,45 @@ def test_stream_sends_tokens_as_they_are_generated(monkeypatch):
         s.close()
     assert text == full and total > 2.0
     assert first is not None and first < total / 2, (first, total)
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_short_request_joins_a_running_decode_and_leaves_early(monkeypatch, batching):
+    """Continuous batching: a 3-token request sent while a 60-token one decodes (50 ms a step) joins it between steps
+    and is answered after its own 3 steps, long before the other ends, with the tokens it gets alone; static
+    batching makes it wait for the running batch first (the comparison)."""
+    import vlm.model
+
+    model = load_model(ServeConfig())
+    model.tokenizer.eos_token = model.cfg.lm.image_token  # never generated: every row runs to its max_tokens
+    slow, real = {"on": False}, vlm.model.sample_next
+
+    def slow_sample_next(*args, **kwargs):
+        if slow["on"]:
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlm.model, "sample_next", slow_sample_next)
+    s = Served(create_app(ServeConfig(batching=batching, max_wait_ms=0), model=model))
+    try:
+        c = openai.OpenAI(base_url=s.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
+        short_msgs = [{"role": "user", "content": "Short, please."}]
+        alone = chat(c, short_msgs, temperature=0, max_tokens=3).choices[0].message.content
+        slow["on"] = True
+        with ThreadPoolExecutor(2) as pool:
+            start = time.monotonic()
+            long = pool.submit(lambda: (chat(c, [{"role": "user", "content": "A long story."}], temperature=0,
+                                             max_tokens=60), time.monotonic() - start))
+            time.sleep(0.5)  # the long one is decoding
+            sent = time.monotonic()
+            short = chat(c, short_msgs, temperature=0, max_tokens=3)
+            short_latency, short_done = time.monotonic() - sent, time.monotonic() - start
+            long_out, long_done = long.result(timeout=60)
+    finally:
+        s.close()
+    assert short.choices[0].message.content == alone and long_out.usage.completion_tokens == 60
+    if batching == "continuous":
+        assert short_latency < 1.0 and short_done < long_done - 1.0, (short_latency, short_done, long_done)
+        assert max(s.app.state.batcher.batches) >= 2  # the two decoded together
+    else:
+        assert short_done > long_done - 0.5, (short_done, long_done)  # it waited for the long batch

@@ -1,8 +1,15 @@
-"""Dynamic batching: requests wait in a bounded asyncio queue (full -> 429); one worker collects up to `max_batch_size`
-samples (n counts) or waits `max_wait_ms`, groups them by sampling parameters (greedy together; sampled ones by
-(temperature, top_p); a seeded request runs alone so its output depends only on its seed), and runs `VLM.generate`
-on a left-padded batch in a dedicated thread so the event loop stays free. A streaming job gets each decode step's
-tokens as they are made (`Job.tokens`), so its first chunk leaves after the first step, not after the batch."""
+"""Batching: requests wait in a bounded asyncio queue (full -> 429) and are decoded in one dedicated thread, so the
+event loop stays free. Rows are grouped by sampling parameters (greedy together; sampled ones by (temperature, top_p); a
+seeded request alone, so its output depends only on its seed).
+
+- continuous (`ServeConfig.batching`, the default for decoder-only LMs): between two decode steps, waiting requests
+  join the running decode of their group (their prompt prefilled, images encoded once, then merged in:
+  `VLM.start_decode`, `Decode.merge`), up to `max_batch_size` rows in all; a row leaves as soon as it has its EOS or
+  its `max_tokens` (`Decode.select`), and its request is answered then, whatever the others still decode.
+- static: up to `max_batch_size` rows or `max_wait_ms`, then `VLM.generate` to the longest request's end.
+
+A streaming job gets each decode step's tokens as they are made (`Job.tokens`), so its first chunk leaves after the
+first step, not after the batch."""
 
 from __future__ import annotations
 
@@ -46,7 +53,10 @@ class Batcher:
         self.batches: list[int] = []  # samples per generate call (for tests / benchmarks), last 1000
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._loop())
+        continuous = self.cfg.batching == "continuous" and getattr(self.model.lm, "kind", None) == "causal"
+        if self.cfg.batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be continuous or static, got {self.cfg.batching!r}")
+        self.task = asyncio.get_running_loop().create_task(self._continuous() if continuous else self._loop())
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -86,6 +96,9 @@ class Batcher:
             jobs.append(job)
             size += job.n
         return jobs
+
+    async def _continuous(self) -> None:
+        await _continuous_loop(self)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -133,3 +146,138 @@ class Batcher:
             out.append([r[: j.max_tokens] for r in rows[i: i + j.n]])
             i += j.n
         return out
+
+
+# ----------------------------------------------------------------------------------------------- continuous batching
+@dataclass
+class _Row:
+    job: Job
+    tokens: list[int]
+
+
+@dataclass
+class _Running:
+    """One sampling group's decode in progress: its rows (in the decode's row order) and their next tokens (R,)."""
+
+    decode: object  # vlm.model.Decode
+    rows: list[_Row]
+    next: torch.Tensor
+    pick: object
+
+
+def _done(row: _Row, eos: int | None) -> bool:
+    return len(row.tokens) >= row.job.max_tokens or (eos is not None and bool(row.tokens) and row.tokens[-1] == eos)
+
+
+class _Continuous:
+    """The continuous loop's steps, run in the batcher's thread (all model calls there, one at a time)."""
+
+    def __init__(self, batcher: Batcher):
+        self.b = batcher
+
+    def prefill(self, group: list[Job]) -> _Running:
+        b = self.b
+        samples = [j.sample for j in group for _ in range(j.n)]
+        batch = to_device(collate(samples, pad_token_id=b.model.tokenizer.pad_token_id, padding_side="left"),
+                          b.device)
+        head = group[0]
+        generator = None
+        if head.seed is not None:
+            generator = torch.Generator(device=b.device).manual_seed(head.seed)
+        pick = b.model.picker(do_sample=head.temperature > 0, temperature=head.temperature, top_p=head.top_p,
+                              generator=generator)
+        with torch.inference_mode():
+            logits, decode = b.model.start_decode(batch)
+            first = pick(logits)  # (R,)
+        rows = [_Row(j, []) for j in group for _ in range(j.n)]
+        return _Running(decode, rows, first, pick)
+
+    def join(self, running: _Running, new: _Running) -> _Running:
+        with torch.inference_mode():
+            return _Running(running.decode.merge(new.decode), running.rows + new.rows,
+                            torch.cat([running.next, new.next]), running.pick)
+
+    def leave(self, running: _Running, keep: list[int]) -> _Running:
+        index = torch.tensor(keep, device=running.next.device)
+        with torch.inference_mode():
+            return _Running(running.decode.select(index), [running.rows[i] for i in keep], running.next[index],
+                            running.pick)
+
+    def step(self, running: _Running) -> torch.Tensor:
+        with torch.inference_mode():
+            return running.pick(self.b.model.decode_step(running.decode, running.next))  # (R,)
+
+
+async def _continuous_loop(b: Batcher) -> None:
+    """Admit waiting requests between steps, one step of every running group, answer the rows that are done."""
+    loop, c = asyncio.get_running_loop(), _Continuous(b)
+    eos = b.model.tokenizer.eos_token_id
+    running: dict[tuple, _Running] = {}
+    run = lambda fn, *a: loop.run_in_executor(b.executor, fn, *a)
+
+    def emit(r: _Running) -> None:  # the step's tokens to their rows, to streams, and the finished requests answered
+        step = r.next.tolist()
+        per_job: dict[int, list[int]] = {}
+        for row, t in zip(r.rows, step):
+            if not _done(row, eos):
+                row.tokens.append(t)
+            per_job.setdefault(id(row.job), []).append(row.tokens[-1] if row.tokens else t)
+        for row in r.rows:
+            j = row.job
+            if j.tokens is not None and id(j) in per_job:
+                j.tokens.put_nowait(per_job.pop(id(j)))
+        for j in {id(row.job): row.job for row in r.rows}.values():
+            mine = [row for row in r.rows if row.job is j]
+            if not j.future.done() and all(_done(row, eos) for row in mine):
+                j.future.set_result([row.tokens for row in mine])
+
+    while True:
+        rows = sum(len(r.rows) for r in running.values())
+        new: list[Job] = []
+        if not running:  # idle: wait for the first request
+            first = b.carry or await b.queue.get()
+            b.carry = None
+            new.append(first)
+            rows += first.n
+        while rows < b.cfg.max_batch_size:
+            job = b.carry or (b.queue.get_nowait() if not b.queue.empty() else None)
+            b.carry = None
+            if job is None:
+                break
+            if rows + job.n > b.cfg.max_batch_size and rows:
+                b.carry = job
+                break
+            new.append(job)
+            rows += job.n
+        groups: dict[tuple, list[Job]] = {}
+        for j in new:
+            if not j.future.done():  # cancelled while waiting: the client went away
+                groups.setdefault(j.key, []).append(j)
+        for key, group in groups.items():
+            try:
+                fresh = await run(c.prefill, group)
+            except Exception as e:  # noqa: BLE001 - reported to the waiting requests
+                for j in group:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            emit(fresh)
+            running[key] = fresh if key not in running else await run(c.join, running[key], fresh)
+        for key in list(running):
+            r = running[key]
+            keep = [i for i, row in enumerate(r.rows) if not _done(row, eos) and not row.job.future.done()]
+            if len(keep) < len(r.rows):
+                if not keep:
+                    del running[key]
+                    continue
+                r = running[key] = await run(c.leave, r, keep)
+            b.batches = (b.batches + [len(r.rows)])[-1000:]
+            try:
+                r.next = await run(c.step, r)
+            except Exception as e:  # noqa: BLE001
+                for row in r.rows:
+                    if not row.job.future.done():
+                        row.job.future.set_exception(e)
+                del running[key]
+                continue
+            emit(r)

@@ -16,8 +16,11 @@ class ServeConfig:
     model_name: str = "vlm-tiny"
     device: str = "auto"  # auto: cuda if available
     api_key: str | None = None  # None: from $VLM_API_KEY (unset: no authentication)
-    max_batch_size: int = 8  # samples per generate call (n counts)
-    max_wait_ms: float = 5.0
+    # continuous: requests join the running decode between steps and leave it when done (decoder-only LMs; others
+    # fall back); static: batches collected for `max_wait_ms`, each decoded to its end before the next starts
+    batching: str = "continuous"
+    max_batch_size: int = 8  # rows decoded together (n counts)
+    max_wait_ms: float = 5.0  # static batching: how long a batch waits to fill
     max_queue: int = 256  # waiting requests; beyond that 429
     default_max_tokens: int = 64
     max_tokens_limit: int = 1024
