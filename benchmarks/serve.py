@@ -1,10 +1,13 @@
-"""Serving throughput: N concurrent clients against the tiny default model on 127.0.0.1, with dynamic batching
-on (max_batch_size=B) and off (max_batch_size=1). Reports requests/s and p50 / p95 latency.
+"""Serving throughput: N concurrent streaming clients against the tiny default model on 127.0.0.1, continuous
+batching against static batching (both at max_batch_size=B, in the same run), and no batching (B=1). Reports
+requests/s, time to first token (the first content chunk), p50 / p95 latency and the process's RSS.
 
-    .venv/bin/python benchmarks/serve.py [--clients 64] [--requests 256] [--batch 16] [--max-tokens 8]
+    .venv/bin/python benchmarks/serve.py [--clients 64] [--requests 256] [--batch 16] [--max-tokens 4,16,64]
 
-Each request: one small data-URL PNG (detail=low) plus a short question, greedy decoding. The request count
-and the wall time (--time-limit per configuration) are both bounded. Uses the official AsyncOpenAI client.
+Each request: one small data-URL PNG (detail=low) plus a short question, greedy decoding, streamed; its max_tokens
+cycles through --max-tokens (mixed lengths), and the model's EOS is set to a token it never generates, so every
+request decodes exactly its max_tokens. The request count and the wall time (--time-limit per configuration) are
+both bounded. Uses the official AsyncOpenAI client.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def start(app) -> tuple[uvicorn.Server, threading.Thread, int]:
     return server, thread, server.servers[0].sockets[0].getsockname()[1]
 
 
-async def drive(port: int, clients: int, requests: int, max_tokens: int, time_limit: float) -> dict:
+async def drive(port: int, clients: int, requests: int, max_tokens: list[int], time_limit: float) -> dict:
     buf = io.BytesIO()
     Image.new("RGB", (96, 64), (120, 30, 200)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -46,23 +49,28 @@ async def drive(port: int, clients: int, requests: int, max_tokens: int, time_li
                                              {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}]
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", timeout=120,
                                 max_retries=0)
-    await client.chat.completions.create(model="vlm-tiny", messages=messages, max_tokens=max_tokens,
+    await client.chat.completions.create(model="vlm-tiny", messages=messages, max_tokens=max_tokens[0],
                                          temperature=0)  # warm-up
     latencies: list[float] = []
+    first_tokens: list[float] = []
     errors = 0
     todo = iter(range(requests))
     stop_at = time.monotonic() + time_limit
 
     async def worker():
         nonlocal errors
-        for _ in todo:
+        for i in todo:
             if time.monotonic() > stop_at:
                 return
-            t = time.perf_counter()
+            t, first = time.perf_counter(), None
             try:
-                await client.chat.completions.create(model="vlm-tiny", messages=messages, max_tokens=max_tokens,
-                                                     temperature=0)
+                stream = await client.chat.completions.create(model="vlm-tiny", messages=messages, temperature=0,
+                                                              max_tokens=max_tokens[i % len(max_tokens)], stream=True)
+                async for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - t
                 latencies.append(time.perf_counter() - t)
+                first_tokens.append(first if first is not None else latencies[-1])
             except openai.APIError:
                 errors += 1
 
@@ -73,7 +81,8 @@ async def drive(port: int, clients: int, requests: int, max_tokens: int, time_li
     lat = sorted(latencies)
     q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else lat * 19
     return {"done": len(lat), "errors": errors, "wall_s": wall, "rps": len(lat) / wall,
-            "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * q[18]}
+            "ttft_ms": 1000 * statistics.median(first_tokens), "p50_ms": 1000 * statistics.median(lat),
+            "p95_ms": 1000 * q[18]}
 
 
 def rss_mb() -> float:
@@ -91,25 +100,36 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--max-tokens", default="4,16,64", help="comma-separated: request i gets the (i mod k)-th")
     ap.add_argument("--time-limit", type=float, default=120.0)
     args = ap.parse_args()
+    lengths = [int(n) for n in args.max_tokens.split(",")]
     model = load_model(ServeConfig())
-    print(f"{args.clients} clients, {args.requests} requests, max_tokens={args.max_tokens}; "
-          f"RSS after loading the model {rss_mb():.0f} MB")
-    for batch in (args.batch, 1):
-        app = create_app(ServeConfig(max_batch_size=batch, max_wait_ms=5, max_queue=4 * args.clients), model=model)
+    model.tokenizer.eos_token = model.cfg.lm.image_token  # never generated: each request decodes its max_tokens
+    print(f"{args.clients} streaming clients, {args.requests} requests, max_tokens cycling {lengths}; "
+          f"RSS after loading the model {rss_mb():.0f} MB\n")
+    print("| batching | max_batch_size | ok | errors | wall s | req/s | TTFT p50 ms | p50 ms | p95 ms | mean rows | "
+          "RSS MB (peak) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results = {}
+    for batching, batch in (("continuous", args.batch), ("static", args.batch), ("static", 1)):
+        app = create_app(ServeConfig(batching=batching, max_batch_size=batch, max_wait_ms=5,
+                                     max_queue=4 * args.clients), model=model)
         server, thread, port = start(app)
         try:
-            r = asyncio.run(drive(port, args.clients, args.requests, args.max_tokens, args.time_limit))
+            r = asyncio.run(drive(port, args.clients, args.requests, lengths, args.time_limit))
             sizes = app.state.batcher.batches
             mean_batch = sum(sizes) / max(len(sizes), 1)
         finally:
             server.should_exit = True
             thread.join(timeout=30)
-        print(f"max_batch_size={batch:3d}: {r['done']} ok, {r['errors']} errors in {r['wall_s']:.1f} s  "
-              f"{r['rps']:.1f} req/s  p50 {r['p50_ms']:.0f} ms  p95 {r['p95_ms']:.0f} ms  "
-              f"mean batch {mean_batch:.1f}  RSS now {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB")
+        results[(batching, batch)] = r
+        print(f"| {batching} | {batch} | {r['done']} | {r['errors']} | {r['wall_s']:.1f} | {r['rps']:.2f} | "
+              f"{r['ttft_ms']:.0f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {mean_batch:.1f} | "
+              f"{rss_mb():.0f} ({peak_rss_mb():.0f}) |")
+    cont, stat = results[("continuous", args.batch)], results[("static", args.batch)]
+    print(f"\ncontinuous / static at max_batch_size={args.batch}: req/s x{cont['rps'] / stat['rps']:.2f}, "
+          f"TTFT x{stat['ttft_ms'] / cont['ttft_ms']:.2f} faster, p95 x{stat['p95_ms'] / cont['p95_ms']:.2f} lower")
 
 
 if __name__ == "__main__":
