@@ -262,7 +262,13 @@ async def _continuous_loop(b: Batcher) -> None:
                         j.future.set_exception(e)
                 continue
             emit(fresh)
-            running[key] = fresh if key not in running else await run(c.join, running[key], fresh)
+            if key not in running:
+                running[key] = fresh
+                continue
+            try:
+                running[key] = await run(c.join, running[key], fresh)
+            except NotImplementedError:  # a cache that cannot be merged (sliding windows): decoded beside it
+                running[(*key, id(fresh))] = fresh
         for key in list(running):
             r = running[key]
             keep = [i for i, row in enumerate(r.rows) if not _done(row, eos) and not row.job.future.done()]
