@@ -230,10 +230,10 @@ class LMDecode:
     def merge(self, other: LMDecode) -> LMDecode:
         """These rows, then `other`'s (its cache is consumed)."""
         T = max(self.mask.shape[1], other.mask.shape[1])
+        odd = {type(layer).__name__ for layer in [*self.cache.layers, *other.cache.layers]} - {"DynamicLayer"}
+        if odd:  # checked before anything changes: a refused merge leaves both caches as they were
+            raise NotImplementedError(f"continuous batching joins plain DynamicCache layers, not {sorted(odd)}")
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            if type(mine).__name__ != "DynamicLayer" or type(theirs).__name__ != "DynamicLayer":
-                raise NotImplementedError(f"continuous batching joins plain DynamicCache layers, not "
-                                          f"{type(mine).__name__}")
             mine.keys = torch.cat([_left_pad(mine.keys, T, 2), _left_pad(theirs.keys, T, 2)])  # (B+B', H, T, d)
             mine.values = torch.cat([_left_pad(mine.values, T, 2), _left_pad(theirs.values, T, 2)])
         mask = torch.cat([_left_pad(self.mask, T, 1), _left_pad(other.mask, T, 1)])  # (B+B', T)
