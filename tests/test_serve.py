@@ -637,10 +637,9 @@ def test_trained_video_run_answers_order_questions_about_fresh_clips():
     assert right["motion"] >= 7 and right["first"] >= 6  # chance: 4 / 8 and 2 / 8
 
 
-def test_stream_sends_tokens_as_they_are_generated(monkeypatch):
-    """True streaming: with each decode step slowed to 50 ms and no EOS possible (its EOS is the image marker, which
-    is never generated), 40 tokens take > 2 s, and the first content chunk arrives after a few steps, long before the
-    last; the streamed text still equals the non-streaming answer (greedy)."""
+def slow_endless_model(monkeypatch) -> tuple:
+    """The tiny default whose every decode step takes >= 50 ms once `slow["on"]` is set, and which never stops early
+    (its EOS is the image marker, never generated): rows run to their max_tokens. Returns (model, slow)."""
     import vlm.model
 
     model = load_model(ServeConfig())  # the tiny default, its own seed
@@ -653,6 +652,14 @@ def test_stream_sends_tokens_as_they_are_generated(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(vlm.model, "sample_next", slow_sample_next)
+    return model, slow
+
+
+def test_stream_sends_tokens_as_they_are_generated(monkeypatch):
+    """True streaming: with each decode step slowed to 50 ms and no EOS possible (its EOS is the image marker, which
+    is never generated), 40 tokens take > 2 s, and the first content chunk arrives after a few steps, long before the
+    last; the streamed text still equals the non-streaming answer (greedy)."""
+    model, slow = slow_endless_model(monkeypatch)
     s = Served(create_app(ServeConfig(default_max_tokens=40), model=model))
     try:
         c = openai.OpenAI(base_url=s.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
@@ -677,18 +684,7 @@ def test_a_short_request_joins_a_running_decode_and_leaves_early(monkeypatch, ba
     """Continuous batching: a 3-token request sent while a 60-token one decodes (50 ms a step) joins it between steps
     and is answered after its own 3 steps, long before the other ends, with the tokens it gets alone; static
     batching makes it wait for the running batch first (the comparison)."""
-    import vlm.model
-
-    model = load_model(ServeConfig())
-    model.tokenizer.eos_token = model.cfg.lm.image_token  # never generated: every row runs to its max_tokens
-    slow, real = {"on": False}, vlm.model.sample_next
-
-    def slow_sample_next(*args, **kwargs):
-        if slow["on"]:
-            time.sleep(0.05)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(vlm.model, "sample_next", slow_sample_next)
+    model, slow = slow_endless_model(monkeypatch)
     s = Served(create_app(ServeConfig(batching=batching, max_wait_ms=0), model=model))
     try:
         c = openai.OpenAI(base_url=s.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
