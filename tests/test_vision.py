@@ -140,3 +140,26 @@ def test_encoder_autocast_gives_float32_features_close_to_float32():
     assert not torch.equal(ref, bf)  # it did run in bf16
     assert torch.nn.functional.cosine_similarity(ref.flatten(), bf.flatten(), dim=0) > 0.999
     assert (ref - bf).norm() / ref.norm() < 0.05
+
+
+def test_views_go_through_in_chunks_without_gradients():
+    """`max_views_per_call`: without gradients a long batch of views is encoded a chunk at a time, the same features
+    (to float rounding); with gradients in one call; the cache key does not change with it."""
+    from vlm.config import VisionConfig, cache_fields
+    from vlm.vision import VisionEncoder
+
+    torch.manual_seed(0)
+    enc = VisionEncoder(VisionConfig(backend="timm", name="resnet10t", pretrained=False, image_size=64,
+                                     feature_layer=-1, max_views_per_call=3)).eval()
+    calls, encode = [], enc._encode
+    enc._encode = lambda x, m: (calls.append(len(x)), encode(x, m))[1]  # views per encoder call
+    pixels = torch.randint(0, 255, (7, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        chunked, mask = enc(pixels)
+    assert calls == [3, 3, 1] and chunked.shape[0] == 7 and mask.shape[0] == 7
+    calls.clear()
+    whole, _ = enc(pixels)  # gradients on: one call
+    assert calls == [7]
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-5, rtol=1e-4)
+    assert cache_fields(enc.cfg) == cache_fields(VisionConfig(backend="timm", name="resnet10t", pretrained=False,
+                                                              image_size=64, feature_layer=-1))

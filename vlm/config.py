@@ -50,6 +50,9 @@ class VisionConfig:
     mean: tuple[float, float, float] | None = None  # pixel normalisation; None = the backbone's own
     std: tuple[float, float, float] | None = None
     gradient_checkpointing: bool = False  # recompute block activations in backward (matters only when trained)
+    # Without gradients (a frozen encoder, eval, serving), views go through the encoder this many at a time: bounds
+    # the encoder's activation memory (8-shot prompts at detail high are ~60 views a question). Not a cache key.
+    max_views_per_call: int = 64
     # Run the encoder under autocast to this dtype ("bfloat16" / "float16"; None: its weights' dtype), features cast
     # back to the weights' dtype. EfficientNet-Lite0 at 512 px on 2 CPU cores: 163 -> 80 ms a view in bfloat16
     # (channels-last; README, "The real frozen pair"). Part of the feature cache's key.
@@ -64,11 +67,14 @@ class VisionConfig:
 # Vision fields added after caches keyed on the whole VisionConfig existed (stage 0's, the feature cache's): at these
 # values they change nothing, so `cache_fields` leaves them out and the older caches stay valid.
 VISION_FIELDS_ADDED = {"keep_class_token": False, "post_layernorm": False}
+VISION_FIELDS_UNKEYED = ("max_views_per_call",)  # how the features are computed, not what they are
 
 
 def cache_fields(cfg: VisionConfig) -> dict[str, Any]:
-    """The vision config as cache keys hash it: every field but those of `VISION_FIELDS_ADDED` at their no-op value."""
-    return {k: v for k, v in asdict(cfg).items() if k not in VISION_FIELDS_ADDED or v != VISION_FIELDS_ADDED[k]}
+    """The vision config as cache keys hash it: every field but those of `VISION_FIELDS_ADDED` at their no-op value
+    and those that do not change the features (`VISION_FIELDS_UNKEYED`)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in VISION_FIELDS_UNKEYED and
+            (k not in VISION_FIELDS_ADDED or v != VISION_FIELDS_ADDED[k])}
 
 
 @dataclass

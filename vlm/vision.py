@@ -132,6 +132,10 @@ class VisionEncoder(nn.Module):
         masked too, so padded patches of partial tiles do not leak into real ones through self-attention."""
         if pixel_mask is None:
             pixel_mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.bool, device=pixels.device)
+        chunk = self.cfg.max_views_per_call
+        if not torch.is_grad_enabled() and chunk and len(pixels) > chunk:  # bounded activation memory, same features
+            parts = [self(pixels[i:i + chunk], pixel_mask[i:i + chunk]) for i in range(0, len(pixels), chunk)]
+            return torch.cat([f for f, _ in parts]), torch.cat([m for _, m in parts])  # (V, P, Dv), (V, P)
         pixels, pixel_mask = self.resize_views(pixels, pixel_mask)  # (V, C, s, s): from the tile size to the encoder's
         # the padding is the mean colour whatever the input held: patches straddling the edge see no junk
         x = self.normalize(pixels).masked_fill(~pixel_mask[:, None], 0.0)  # (V, C, S, S); 0 = the mean colour
