@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from vlm.eval.tasks import Question
 from vlm.images import load_image, load_media
@@ -68,12 +69,15 @@ def random_demos(pool: Sequence[Question], k: int, *, seed: int, trial: int, que
 
 @torch.no_grad()
 def pooled_features(model, images: Sequence, batch_size: int = 32) -> torch.Tensor:
-    """Images (PIL) -> the frozen encoder's features of each global view (detail low), averaged over the real
-    patches and L2-normalised: (N, Dv) float32. Through `model.encode_views`, so the feature cache serves hits."""
+    """Images (PIL, or what `load_image` takes: decoded a batch at a time, so a pool of 2,000 high-resolution images
+    never sits decoded in memory at once) -> the frozen encoder's features of each global view (detail low), averaged
+    over the real patches and L2-normalised: (N, Dv) float32. Through `model.encode_views`: the feature cache serves
+    hits."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        tiled = [tile_image(img, "low", model.cfg.tiling) for img in images[i:i + batch_size]]
+        batch = [img if isinstance(img, Image.Image) else load_image(img) for img in images[i:i + batch_size]]
+        tiled = [tile_image(img, "low", model.cfg.tiling) for img in batch]
         pixels = torch.stack([t.pixels[0] for t in tiled]).to(device)  # (n, 3, S, S) uint8
         mask = torch.stack([t.mask[0] for t in tiled]).to(device)  # (n, S, S)
         feats, pmask = model.encode_views(pixels, mask)  # (n, P, Dv), (n, P)
@@ -100,7 +104,7 @@ class Rices:
         if any(isinstance(q.image, list) for q in pool):
             raise ValueError("demos=rices ranks pool images by the encoder's pooled features; this pool holds videos "
                              "(use demos=random)")
-        images = [load_image(first[k].image) for k in keys]
+        images = [first[k].image for k in keys]  # decoded a batch at a time by pooled_features
         return cls(pool, pooled_features(model, images, batch_size),
                    torch.tensor([row[image_key(q)] for q in pool]))
 

@@ -199,7 +199,7 @@ def evaluate_fewshot(model, processor: Processor, questions: list[Question], poo
 
         device = next(model.parameters()).device.type
         index = Rices.load_or_build(model, pool, rices_cache, encoder_key(model.cfg.vision, model.vision, device))
-        query = pooled_features(model, [load_image(q.image) for q in questions])  # (N, Dv)
+        query = pooled_features(model, [q.image for q in questions])  # (N, Dv), decoded a batch at a time
         return index.find(query, k)
 
     def evaluate_one(k: int, mode: str, trial: int, demos_of) -> dict:
