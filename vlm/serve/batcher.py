@@ -232,14 +232,17 @@ async def _continuous_loop(b: Batcher) -> None:
                 j.future.set_result([row.tokens for row in mine])
 
     while True:
-        rows = sum(len(r.rows) for r in running.values())
+        # rows still decoding: finished ones stay in place (their tokens ignored) until their slots are wanted
+        rows = sum(not _done(row, eos) and not row.job.future.done() for r in running.values() for row in r.rows)
         new: list[Job] = []
         if not running:  # idle: wait for the first request
             first = b.carry or await b.queue.get()
             b.carry = None
             new.append(first)
             rows += first.n
-        while rows < b.cfg.max_batch_size:
+        # joins in groups: one prefill per group costs about what several decode steps do
+        group_min = max(1, b.cfg.max_batch_size // 4) if running else 1
+        while rows < b.cfg.max_batch_size and (b.cfg.max_batch_size - rows >= group_min or new):
             job = b.carry or (b.queue.get_nowait() if not b.queue.empty() else None)
             b.carry = None
             if job is None:
@@ -272,6 +275,9 @@ async def _continuous_loop(b: Batcher) -> None:
         for key in list(running):
             r = running[key]
             keep = [i for i, row in enumerate(r.rows) if not _done(row, eos) and not row.job.future.done()]
+            # leave only when it pays: every row done, a join just came in, or half the rows are done
+            if keep and len(keep) > len(r.rows) // 2 and not groups:
+                keep = list(range(len(r.rows)))
             if len(keep) < len(r.rows):
                 if not keep:
                     del running[key]
