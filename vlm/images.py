@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -211,7 +212,7 @@ def load_video(source: bytes | str | os.PathLike, *, frames: int | None = 8, fps
     (or it has no frames), TOO_LARGE when one frame has more than `max_pixels` pixels."""
     import av
 
-    data = source if isinstance(source, bytes) else open(source, "rb").read()
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:

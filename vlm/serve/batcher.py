@@ -119,17 +119,22 @@ class Batcher:
                     if not j.future.done():
                         j.future.set_result(out)
 
+    def rows_batch(self, group: list[Job]) -> tuple[dict, torch.Generator | None]:
+        """The group's rows (each job's sample n times) as one left-padded batch on the device, and the seeded
+        generator when the group is a seeded request."""
+        samples = [j.sample for j in group for _ in range(j.n)]
+        batch = to_device(collate(samples, pad_token_id=self.model.tokenizer.pad_token_id, padding_side="left"),
+                          self.device)
+        seed = group[0].seed
+        return batch, (torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None)
+
     def _generate(self, group: list[Job]) -> list[list[list[int]]]:
         """One generate call for the group; returns, per job, n token lists (each cut to its max_tokens)."""
-        samples = [j.sample for j in group for _ in range(j.n)]
-        self.batches = (self.batches + [len(samples)])[-1000:]
-        batch = collate(samples, pad_token_id=self.model.tokenizer.pad_token_id, padding_side="left")
-        batch = to_device(batch, self.device)
+        batch, generator = self.rows_batch(group)
+        self.batches = (self.batches + [len(batch["input_ids"])])[-1000:]
         head = group[0]
-        generator = None
-        if head.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(head.seed)
-        streams = [(j, i) for j, i in zip(group, [0, *itertools.accumulate(j.n for j in group)]) if j.tokens]
+        streams = [(j, i) for j, i in zip(group, [0, *itertools.accumulate(j.n for j in group)])
+                   if j.tokens is not None]
 
         def on_token(nxt: torch.Tensor) -> None:  # (B,): hand each streaming job its rows' tokens, thread-safely
             step = nxt.tolist()
@@ -177,13 +182,8 @@ class _Continuous:
 
     def prefill(self, group: list[Job]) -> _Running:
         b = self.b
-        samples = [j.sample for j in group for _ in range(j.n)]
-        batch = to_device(collate(samples, pad_token_id=b.model.tokenizer.pad_token_id, padding_side="left"),
-                          b.device)
+        batch, generator = b.rows_batch(group)
         head = group[0]
-        generator = None
-        if head.seed is not None:
-            generator = torch.Generator(device=b.device).manual_seed(head.seed)
         pick = b.model.picker(do_sample=head.temperature > 0, temperature=head.temperature, top_p=head.top_p,
                               generator=generator)
         with torch.inference_mode():
